@@ -1,0 +1,533 @@
+// CPU kernels of the growop::masked_linear ops.
+//
+// The live rows of a layer are covered in two ways, decided per call from the
+// mask (see LivePlan): long runs of consecutive live rows are multiplied in
+// place (a strided view of the weight and of the output, no copy), and rows in
+// short runs are gathered, a chunk at a time, into a small buffer that stays in
+// cache and multiplied from there. Either way every GEMM is ATen's, so work
+// and memory traffic follow the live rows, never the capacity.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace growop {
+namespace {
+
+// A run this long is multiplied in place; shorter runs are gathered. Below
+// this length the per-GEMM overhead outweighs the copy a gather makes.
+constexpr int64_t kMinDirectRun = 64;
+// Rows gathered per GEMM: large enough for an efficient GEMM, small enough
+// that the gathered block (kGatherChunk x in_features) stays in cache.
+constexpr int64_t kGatherChunk = 128;
+
+// How the live rows among the first `width` rows are covered.
+struct LivePlan {
+  std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end), in place
+  std::vector<int64_t> gathered;  // live rows left to gather, ascending
+  int64_t num_live = 0;
+
+  int64_t num_chunks() const {
+    return (static_cast<int64_t>(gathered.size()) + kGatherChunk - 1) /
+        kGatherChunk;
+  }
+  // Rows of gathered chunk c: gathered[first(c)] .. + chunk_rows(c).
+  int64_t chunk_rows(int64_t c) const {
+    return std::min<int64_t>(
+        kGatherChunk, static_cast<int64_t>(gathered.size()) - c * kGatherChunk);
+  }
+  const int64_t* chunk(int64_t c) const {
+    return gathered.data() + c * kGatherChunk;
+  }
+};
+
+// min_run: runs at least this long are kept whole; pass a huge value to
+// gather every live row.
+LivePlan plan_live_rows(
+    const at::Tensor& active,
+    int64_t width,
+    int64_t min_run = kMinDirectRun) {
+  const bool* live = active.data_ptr<bool>();
+  LivePlan plan;
+  int64_t j = 0;
+  while (j < width) {
+    if (!live[j]) {
+      ++j;
+      continue;
+    }
+    int64_t end = j;
+    while (end < width && live[end]) {
+      ++end;
+    }
+    if (end - j >= min_run) {
+      plan.runs.emplace_back(j, end);
+    } else {
+      for (int64_t r = j; r < end; ++r) {
+        plan.gathered.push_back(r);
+      }
+    }
+    plan.num_live += end - j;
+    j = end;
+  }
+  return plan;
+}
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 ||
+      t == at::kHalf;
+}
+
+void check_weight_and_mask(
+    const char* op,
+    const at::Tensor& weight,
+    const at::Tensor& active) {
+  TORCH_CHECK(
+      weight.dim() == 2,
+      op,
+      ": weight must be 2-D (capacity, in_features), got shape ",
+      weight.sizes());
+  TORCH_CHECK(
+      is_supported_dtype(weight.scalar_type()),
+      op,
+      ": weight must be float32, float64, bfloat16 or float16, got ",
+      weight.scalar_type());
+  TORCH_CHECK(
+      active.dim() == 1 && active.scalar_type() == at::kBool,
+      op,
+      ": active must be a 1-D bool tensor, got ",
+      active.scalar_type(),
+      " of shape ",
+      active.sizes());
+  TORCH_CHECK(
+      active.size(0) == weight.size(0),
+      op,
+      ": active has ",
+      active.size(0),
+      " entries but weight has ",
+      weight.size(0),
+      " rows (capacity); they must match");
+  TORCH_CHECK(
+      active.device() == weight.device(),
+      op,
+      ": active is on ",
+      active.device(),
+      " but weight is on ",
+      weight.device());
+}
+
+void check_same(
+    const char* op,
+    const char* name,
+    const at::Tensor& t,
+    const at::Tensor& weight) {
+  TORCH_CHECK(
+      t.scalar_type() == weight.scalar_type(),
+      op,
+      ": ",
+      name,
+      " has dtype ",
+      t.scalar_type(),
+      " but weight has dtype ",
+      weight.scalar_type(),
+      "; they must match");
+  TORCH_CHECK(
+      t.device() == weight.device(),
+      op,
+      ": ",
+      name,
+      " is on ",
+      t.device(),
+      " but weight is on ",
+      weight.device());
+}
+
+// Trailing dimension of grad_output is the output width; it must fit.
+int64_t check_grad_output(
+    const char* op,
+    const at::Tensor& grad_output,
+    const at::Tensor& weight) {
+  check_same(op, "grad_output", grad_output, weight);
+  TORCH_CHECK(
+      grad_output.dim() >= 1,
+      op,
+      ": grad_output must have at least 1 dimension");
+  const int64_t width = grad_output.size(-1);
+  TORCH_CHECK(
+      width <= weight.size(0),
+      op,
+      ": grad_output has ",
+      width,
+      " columns but the layer has capacity ",
+      weight.size(0));
+  return width;
+}
+
+std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> shape(sizes.begin(), sizes.end() - 1);
+  shape.push_back(last);
+  return shape;
+}
+
+// dst[i, :] = src[rows[i], :] for i < n (src and dst row-major, row length k).
+template <typename src_t, typename dst_t>
+void gather_rows(
+    const src_t* src,
+    const int64_t* rows,
+    int64_t n,
+    int64_t k,
+    dst_t* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const src_t* s = src + rows[i] * k;
+    dst_t* d = dst + i * k;
+    if constexpr (std::is_same_v<src_t, dst_t>) {
+      std::memcpy(d, s, k * sizeof(src_t));
+    } else {
+      for (int64_t c = 0; c < k; ++c) {
+        d[c] = static_cast<dst_t>(s[c]);
+      }
+    }
+  }
+}
+
+at::Tensor masked_linear_cpu(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias_opt,
+    const at::Tensor& active,
+    int64_t width,
+    std::optional<double> mask_value) {
+  constexpr const char* op = "growop.masked_linear";
+  check_weight_and_mask(op, weight, active);
+  check_same(op, "input", input, weight);
+  const int64_t capacity = weight.size(0);
+  const int64_t in_features = weight.size(1);
+  TORCH_CHECK(
+      input.dim() >= 1 && input.size(-1) == in_features,
+      op,
+      ": input of shape ",
+      input.sizes(),
+      " does not match weight of shape ",
+      weight.sizes(),
+      " (input's last dimension must be in_features = ",
+      in_features,
+      ")");
+  TORCH_CHECK(
+      width >= 0 && width <= capacity,
+      op,
+      ": width ",
+      width,
+      " must be in [0, capacity = ",
+      capacity,
+      "]");
+  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
+  at::Tensor bias;
+  if (has_bias) {
+    bias = bias_opt->contiguous();
+    check_same(op, "bias", bias, weight);
+    TORCH_CHECK(
+        bias.dim() == 1 && bias.size(0) == capacity,
+        op,
+        ": bias must have shape (",
+        capacity,
+        ",) to match weight, got ",
+        bias.sizes());
+  }
+
+  const at::Tensor x = input.reshape({-1, in_features}).contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor live_mask = active.contiguous();
+  const int64_t batch = x.size(0);
+  at::Tensor out = at::empty({batch, width}, x.options());
+  const auto out_shape = with_last_dim(input.sizes(), width);
+  if (batch == 0 || width == 0) {
+    return out.view(out_shape);
+  }
+  const LivePlan plan = plan_live_rows(live_mask, width);
+  const float beta = has_bias ? 1.0f : 0.0f;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, w.scalar_type(), "masked_linear_cpu", [&] {
+        // Every row of out starts as: bias (or 0) on live columns, which the
+        // GEMMs below accumulate onto, and mask_value on the rest.
+        const scalar_t fill = mask_value.has_value()
+            ? static_cast<scalar_t>(*mask_value)
+            : std::numeric_limits<scalar_t>::lowest();
+        const bool* live = live_mask.data_ptr<bool>();
+        const scalar_t* b = has_bias ? bias.data_ptr<scalar_t>() : nullptr;
+        scalar_t* o = out.data_ptr<scalar_t>();
+        for (int64_t j = 0; j < width; ++j) {
+          o[j] = live[j] ? (b ? b[j] : scalar_t(0)) : fill;
+        }
+        at::parallel_for(1, batch, 256, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            std::memcpy(o + r * width, o, width * sizeof(scalar_t));
+          }
+        });
+
+        for (const auto& [begin, end] : plan.runs) {
+          out.narrow(1, begin, end - begin)
+              .addmm_(x, w.narrow(0, begin, end - begin).t(), beta);
+        }
+
+        const scalar_t* wp = w.const_data_ptr<scalar_t>();
+        at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t c0, int64_t c1) {
+          at::Tensor rows_buf = at::empty({kGatherChunk, in_features}, w.options());
+          at::Tensor cols_buf = at::empty({batch, kGatherChunk}, w.options());
+          scalar_t* cb = cols_buf.data_ptr<scalar_t>();
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t n = plan.chunk_rows(c);
+            const int64_t* rows = plan.chunk(c);
+            gather_rows(wp, rows, n, in_features, rows_buf.data_ptr<scalar_t>());
+            if (has_bias) {
+              for (int64_t r = 0; r < batch; ++r) {
+                for (int64_t i = 0; i < n; ++i) {
+                  cb[r * kGatherChunk + i] = b[rows[i]];
+                }
+              }
+            }
+            at::Tensor cols = cols_buf.narrow(1, 0, n);
+            cols.addmm_(x, rows_buf.narrow(0, 0, n).t(), beta);
+            for (int64_t r = 0; r < batch; ++r) {
+              for (int64_t i = 0; i < n; ++i) {
+                o[r * width + rows[i]] = cb[r * kGatherChunk + i];
+              }
+            }
+          }
+        });
+      });
+  return out.view(out_shape);
+}
+
+at::Tensor masked_linear_backward_input_cpu(
+    const at::Tensor& grad_output,
+    const at::Tensor& weight,
+    const at::Tensor& active) {
+  constexpr const char* op = "growop.masked_linear_backward_input";
+  check_weight_and_mask(op, weight, active);
+  const int64_t width = check_grad_output(op, grad_output, weight);
+  const int64_t in_features = weight.size(1);
+  const auto out_shape = with_last_dim(grad_output.sizes(), in_features);
+
+  const at::Tensor g = grad_output.reshape({-1, width}).contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor live_mask = active.contiguous();
+  const int64_t batch = g.size(0);
+  const LivePlan plan = plan_live_rows(live_mask, width);
+  if (batch == 0 || plan.num_live == 0) {
+    return at::zeros(out_shape, w.options());
+  }
+  if (plan.gathered.empty() && plan.runs.size() == 1) {
+    const auto [begin, end] = plan.runs.front();
+    return at::mm(g.narrow(1, begin, end - begin), w.narrow(0, begin, end - begin))
+        .view(out_shape);
+  }
+
+  // Several pieces are summed. Reduced precision sums in float32 (every live
+  // row gathered and widened) so the result is rounded once, as one GEMM's is.
+  const bool reduced = w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf;
+  const at::ScalarType acc_type = reduced ? at::kFloat : w.scalar_type();
+  const LivePlan pieces = reduced
+      ? plan_live_rows(live_mask, width, std::numeric_limits<int64_t>::max())
+      : plan;
+  std::vector<at::Tensor> partial(at::get_num_threads());
+  partial[0] = at::zeros({batch, in_features}, w.options().dtype(acc_type));
+  for (const auto& [begin, end] : pieces.runs) {
+    partial[0].addmm_(g.narrow(1, begin, end - begin), w.narrow(0, begin, end - begin));
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, w.scalar_type(), "masked_linear_backward_input_cpu", [&] {
+        using acc_t = std::conditional_t<
+            std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>,
+            float,
+            scalar_t>;
+        const scalar_t* wp = w.const_data_ptr<scalar_t>();
+        const scalar_t* gp = g.const_data_ptr<scalar_t>();
+        at::parallel_for(0, pieces.num_chunks(), 1, [&](int64_t c0, int64_t c1) {
+          const auto acc_options = w.options().dtype(acc_type);
+          at::Tensor& acc = partial[at::get_thread_num()];
+          if (!acc.defined()) {
+            acc = at::zeros({batch, in_features}, acc_options);
+          }
+          at::Tensor rows_buf = at::empty({kGatherChunk, in_features}, acc_options);
+          at::Tensor cols_buf = at::empty({batch, kGatherChunk}, acc_options);
+          acc_t* cb = cols_buf.data_ptr<acc_t>();
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t n = pieces.chunk_rows(c);
+            const int64_t* rows = pieces.chunk(c);
+            gather_rows(wp, rows, n, in_features, rows_buf.data_ptr<acc_t>());
+            for (int64_t r = 0; r < batch; ++r) {
+              for (int64_t i = 0; i < n; ++i) {
+                cb[r * kGatherChunk + i] = static_cast<acc_t>(gp[r * width + rows[i]]);
+              }
+            }
+            acc.addmm_(cols_buf.narrow(1, 0, n), rows_buf.narrow(0, 0, n));
+          }
+        });
+      });
+
+  at::Tensor total = partial[0];
+  for (size_t t = 1; t < partial.size(); ++t) {
+    if (partial[t].defined()) {
+      total.add_(partial[t]);
+    }
+  }
+  return total.to(w.scalar_type()).view(out_shape);
+}
+
+at::Tensor masked_linear_backward_weight_cpu(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& active) {
+  constexpr const char* op = "growop.masked_linear_backward_weight";
+  TORCH_CHECK(
+      active.dim() == 1 && active.scalar_type() == at::kBool,
+      op,
+      ": active must be a 1-D bool tensor, got ",
+      active.scalar_type(),
+      " of shape ",
+      active.sizes());
+  TORCH_CHECK(
+      is_supported_dtype(input.scalar_type()),
+      op,
+      ": input must be float32, float64, bfloat16 or float16, got ",
+      input.scalar_type());
+  check_same(op, "grad_output", grad_output, input);
+  TORCH_CHECK(
+      active.device() == input.device(),
+      op,
+      ": active is on ",
+      active.device(),
+      " but input is on ",
+      input.device());
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension");
+  const int64_t capacity = active.size(0);
+  const int64_t in_features = input.size(-1);
+  const int64_t width = grad_output.dim() >= 1 ? grad_output.size(-1) : -1;
+  TORCH_CHECK(
+      grad_output.dim() == input.dim() &&
+          grad_output.sizes().slice(0, input.dim() - 1) ==
+              input.sizes().slice(0, input.dim() - 1) &&
+          width <= capacity,
+      op,
+      ": grad_output of shape ",
+      grad_output.sizes(),
+      " does not match input of shape ",
+      input.sizes(),
+      " and capacity ",
+      capacity);
+
+  const at::Tensor g = grad_output.reshape({-1, width}).contiguous();
+  const at::Tensor x = input.reshape({-1, in_features}).contiguous();
+  const at::Tensor live_mask = active.contiguous();
+  const int64_t batch = x.size(0);
+  const LivePlan plan = plan_live_rows(live_mask, width);
+  if (batch == 0 || plan.num_live == 0) {
+    return at::zeros({capacity, in_features}, x.options());
+  }
+
+  at::Tensor grad_weight = at::empty({capacity, in_features}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "masked_linear_backward_weight_cpu", [&] {
+        scalar_t* gw = grad_weight.data_ptr<scalar_t>();
+        const scalar_t* gp = g.const_data_ptr<scalar_t>();
+        const bool* live = live_mask.data_ptr<bool>();
+        // Rows that are not live get exact zeros; each is written once.
+        at::parallel_for(0, capacity, 64, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            if (r >= width || !live[r]) {
+              std::memset(gw + r * in_features, 0, in_features * sizeof(scalar_t));
+            }
+          }
+        });
+
+        for (const auto& [begin, end] : plan.runs) {
+          at::Tensor rows = grad_weight.narrow(0, begin, end - begin);
+          at::mm_out(rows, g.narrow(1, begin, end - begin).t(), x);
+        }
+
+        at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t c0, int64_t c1) {
+          at::Tensor cols_buf = at::empty({kGatherChunk, batch}, x.options());
+          at::Tensor rows_buf = at::empty({kGatherChunk, in_features}, x.options());
+          scalar_t* cb = cols_buf.data_ptr<scalar_t>();
+          const scalar_t* rb = rows_buf.const_data_ptr<scalar_t>();
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t n = plan.chunk_rows(c);
+            const int64_t* rows = plan.chunk(c);
+            for (int64_t i = 0; i < n; ++i) {
+              for (int64_t r = 0; r < batch; ++r) {
+                cb[i * batch + r] = gp[r * width + rows[i]];
+              }
+            }
+            at::Tensor block = rows_buf.narrow(0, 0, n);
+            at::mm_out(block, cols_buf.narrow(0, 0, n), x);
+            for (int64_t i = 0; i < n; ++i) {
+              std::memcpy(
+                  gw + rows[i] * in_features,
+                  rb + i * in_features,
+                  in_features * sizeof(scalar_t));
+            }
+          }
+        });
+      });
+  return grad_weight;
+}
+
+at::Tensor masked_linear_backward_bias_cpu(
+    const at::Tensor& grad_output,
+    const at::Tensor& active) {
+  constexpr const char* op = "growop.masked_linear_backward_bias";
+  TORCH_CHECK(
+      active.dim() == 1 && active.scalar_type() == at::kBool,
+      op,
+      ": active must be a 1-D bool tensor, got ",
+      active.scalar_type(),
+      " of shape ",
+      active.sizes());
+  TORCH_CHECK(
+      is_supported_dtype(grad_output.scalar_type()),
+      op,
+      ": grad_output must be float32, float64, bfloat16 or float16, got ",
+      grad_output.scalar_type());
+  TORCH_CHECK(
+      grad_output.dim() >= 1 && grad_output.size(-1) <= active.size(0),
+      op,
+      ": grad_output of shape ",
+      grad_output.sizes(),
+      " has more columns than the capacity ",
+      active.size(0));
+  TORCH_CHECK(
+      active.device() == grad_output.device(),
+      op,
+      ": active is on ",
+      active.device(),
+      " but grad_output is on ",
+      grad_output.device());
+  const int64_t width = grad_output.size(-1);
+  at::Tensor grad_bias = at::zeros({active.size(0)}, grad_output.options());
+  if (width == 0 || grad_output.numel() == 0) {
+    return grad_bias;
+  }
+  at::Tensor summed = grad_output.reshape({-1, width}).sum(0);
+  summed.masked_fill_(active.narrow(0, 0, width).logical_not(), 0);
+  grad_bias.narrow(0, 0, width).copy_(summed);
+  return grad_bias;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(growop, CPU, m) {
+  m.impl("masked_linear", &masked_linear_cpu);
+  m.impl("masked_linear_backward_input", &masked_linear_backward_input_cpu);
+  m.impl("masked_linear_backward_weight", &masked_linear_backward_weight_cpu);
+  m.impl("masked_linear_backward_bias", &masked_linear_backward_bias_cpu);
+}
+
+}  // namespace growop

@@ -1,0 +1,13 @@
+"""growop: grow a layer's outputs while it trains, in place.
+
+``GrowLinear`` allocates ``capacity`` rows once and a mask says which are live; adding
+output nodes unmasks rows, so the Parameters, the optimizer's state, DDP and compiled
+graphs stay as they are. Compute follows the live rows, not the capacity.
+"""
+
+from growop import ops
+from growop.functional import masked_linear
+from growop.modules import GrowLinear, default_capacity
+
+__all__ = ["GrowLinear", "default_capacity", "masked_linear", "ops"]
+__version__ = "0.1.0"

@@ -1,0 +1,39 @@
+"""Functional form of growop's layers, in the style of ``torch.nn.functional``."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from growop import ops
+
+
+def masked_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    active: Tensor,
+    out_features: int | None = None,
+    mask_value: float | None = None,
+) -> Tensor:
+    """A linear layer over the live rows of an over-provisioned weight.
+
+    Args:
+        input: ``(*, in_features)``.
+        weight: ``(capacity, in_features)``.
+        bias: ``(capacity,)`` or ``None``.
+        active: bool ``(capacity,)``; ``True`` marks a live row.
+        out_features: width of the result; rows ``>= out_features`` are ignored.
+            ``None`` means ``capacity``.
+        mask_value: the value of every column whose row is not live. ``None`` means the
+            lowest finite value of the dtype (``torch.finfo(dtype).min``), which softmax and
+            cross-entropy treat as probability zero while staying finite.
+
+    Returns:
+        ``(*, out_features)``: column ``j`` is ``input @ weight[j] + bias[j]`` where
+        ``active[j]``, else ``mask_value``. Gradients are those of ``F.linear`` on the live
+        rows; rows that are not live get zero gradient. Work follows the live rows, not the
+        capacity.
+    """
+    width = weight.shape[0] if out_features is None else out_features
+    return ops.masked_linear(input, weight, bias, active, width, mask_value)
