@@ -33,13 +33,14 @@ def default_capacity(out_features: int) -> int:
 # Parameters whose storage was reallocated by a GrowLinear without the optimizer at hand.
 # Checked before every optimizer step, so state sized for the old capacity raises a clear
 # error instead of failing deep inside the optimizer's arithmetic.
-_resized_without_optimizer: weakref.WeakSet = weakref.WeakSet()
+# Keyed by id: tensors compare element-wise, so they cannot be set members themselves.
+_resized_without_optimizer: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def _check_optimizer_state_sizes(optimizer, args, kwargs) -> None:
     if not _resized_without_optimizer:
         return
-    for param in list(_resized_without_optimizer):
+    for param in list(_resized_without_optimizer.values()):
         state = optimizer.state.get(param) if param in optimizer.state else None
         if not state:
             continue
@@ -456,27 +457,40 @@ class GrowLinear(nn.Module):
         return weight, bias
 
     def _reallocate(self, capacity: int, optimizer: torch.optim.Optimizer | None) -> None:
-        """Grows the storage to ``capacity`` rows, keeping the Parameter objects and old rows."""
+        """Grows the storage to ``capacity`` rows, keeping the Parameter objects and old rows.
+
+        The new tensors are all made before any is installed, so running out of memory
+        leaves the layer as it was.
+        """
         old = self.capacity
-        for param in self._params():
+        params = self._params()
+        datas, grads = [], []
+        for param in params:
             data = param.new_zeros((capacity, *param.shape[1:]))
             data[:old].copy_(param.detach())
+            datas.append(data)
+            grad = None
+            if param.grad is not None:
+                grad = param.grad.new_zeros(data.shape)
+                grad[:old].copy_(param.grad)
+            grads.append(grad)
+        active = self.active.new_zeros(capacity)
+        active[:old].copy_(self.active)
+
+        for param, data, grad in zip(params, datas, grads):
             # Autograd caches the parameter's gradient accumulator, shape included, for as
             # long as any graph holds it, and only drops it when the dtype changes. Passing
             # through an empty tensor of another dtype makes the next graph build a new one.
             param.data = data.new_empty(0, dtype=_other_dtype(data.dtype))
             param.data = data
-            if param.grad is not None:
-                grad = param.grad.new_zeros(data.shape)
-                grad[:old].copy_(param.grad)
+            if grad is not None:
                 param.grad = grad
-            if optimizer is None:
-                _resized_without_optimizer.add(param)
-        active = self.active.new_zeros(capacity)
-        active[:old].copy_(self.active)
         self.active = active
         if optimizer is not None:
             self.resize_optimizer_state(optimizer)
+        else:
+            for param in params:
+                _resized_without_optimizer[id(param)] = param
 
     def _reset_optimizer_rows(self, optimizer: torch.optim.Optimizer, rows) -> None:
         with torch.no_grad():

@@ -24,27 +24,31 @@ namespace {
 // A run this long is multiplied in place; shorter runs are gathered. Below
 // this length the per-GEMM overhead outweighs the copy a gather makes.
 constexpr int64_t kMinDirectRun = 64;
-// Rows gathered per GEMM: large enough for an efficient GEMM, small enough
-// that the gathered block (kGatherChunk x in_features) stays in cache.
-constexpr int64_t kGatherChunk = 128;
+// A gathered block is about this many bytes: large enough for an efficient
+// multi-threaded GEMM, small enough to stay in cache between the gather and
+// the GEMM that reads it.
+constexpr int64_t kGatherBlockBytes = int64_t{4} << 20;
+
+int64_t gather_chunk_rows(int64_t in_features, int64_t element_size) {
+  const int64_t row_bytes = std::max<int64_t>(1, in_features * element_size);
+  return std::clamp<int64_t>(kGatherBlockBytes / row_bytes, 64, 2048);
+}
 
 // How the live rows among the first `width` rows are covered.
 struct LivePlan {
   std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end), in place
   std::vector<int64_t> gathered;  // live rows left to gather, ascending
   int64_t num_live = 0;
+  int64_t chunk = 1;  // rows gathered per GEMM
 
   int64_t num_chunks() const {
-    return (static_cast<int64_t>(gathered.size()) + kGatherChunk - 1) /
-        kGatherChunk;
+    return (static_cast<int64_t>(gathered.size()) + chunk - 1) / chunk;
   }
-  // Rows of gathered chunk c: gathered[first(c)] .. + chunk_rows(c).
   int64_t chunk_rows(int64_t c) const {
-    return std::min<int64_t>(
-        kGatherChunk, static_cast<int64_t>(gathered.size()) - c * kGatherChunk);
+    return std::min<int64_t>(chunk, static_cast<int64_t>(gathered.size()) - c * chunk);
   }
-  const int64_t* chunk(int64_t c) const {
-    return gathered.data() + c * kGatherChunk;
+  const int64_t* chunk_begin(int64_t c) const {
+    return gathered.data() + c * chunk;
   }
 };
 
@@ -53,9 +57,11 @@ struct LivePlan {
 LivePlan plan_live_rows(
     const at::Tensor& active,
     int64_t width,
+    int64_t chunk,
     int64_t min_run = kMinDirectRun) {
   const bool* live = active.data_ptr<bool>();
   LivePlan plan;
+  plan.chunk = chunk;
   int64_t j = 0;
   while (j < width) {
     if (!live[j]) {
@@ -175,7 +181,8 @@ std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
   return shape;
 }
 
-// dst[i, :] = src[rows[i], :] for i < n (src and dst row-major, row length k).
+// dst[i, :] = src[rows[i], :] for i < n (row-major, row length k), the rows
+// copied in parallel.
 template <typename src_t, typename dst_t>
 void gather_rows(
     const src_t* src,
@@ -183,17 +190,38 @@ void gather_rows(
     int64_t n,
     int64_t k,
     dst_t* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    const src_t* s = src + rows[i] * k;
-    dst_t* d = dst + i * k;
-    if constexpr (std::is_same_v<src_t, dst_t>) {
-      std::memcpy(d, s, k * sizeof(src_t));
-    } else {
-      for (int64_t c = 0; c < k; ++c) {
-        d[c] = static_cast<dst_t>(s[c]);
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const src_t* s = src + rows[i] * k;
+      dst_t* d = dst + i * k;
+      if constexpr (std::is_same_v<src_t, dst_t>) {
+        std::memcpy(d, s, k * sizeof(src_t));
+      } else {
+        for (int64_t c = 0; c < k; ++c) {
+          d[c] = static_cast<dst_t>(s[c]);
+        }
       }
     }
-  }
+  });
+}
+
+// dst[r, i] = src[r, cols[i]] for r < batch, i < n; dst has row stride ld.
+template <typename src_t, typename dst_t>
+void gather_columns(
+    const src_t* src,
+    int64_t src_ld,
+    const int64_t* cols,
+    int64_t n,
+    int64_t batch,
+    dst_t* dst,
+    int64_t ld) {
+  at::parallel_for(0, batch, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t i = 0; i < n; ++i) {
+        dst[r * ld + i] = static_cast<dst_t>(src[r * src_ld + cols[i]]);
+      }
+    }
+  });
 }
 
 at::Tensor masked_linear_cpu(
@@ -249,7 +277,8 @@ at::Tensor masked_linear_cpu(
   if (batch == 0 || width == 0) {
     return out.view(out_shape);
   }
-  const LivePlan plan = plan_live_rows(live_mask, width);
+  const LivePlan plan = plan_live_rows(
+      live_mask, width, gather_chunk_rows(in_features, w.element_size()));
   const float beta = has_bias ? 1.0f : 0.0f;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -265,7 +294,7 @@ at::Tensor masked_linear_cpu(
         for (int64_t j = 0; j < width; ++j) {
           o[j] = live[j] ? (b ? b[j] : scalar_t(0)) : fill;
         }
-        at::parallel_for(1, batch, 256, [&](int64_t r0, int64_t r1) {
+        at::parallel_for(1, batch, 64, [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
             std::memcpy(o + r * width, o, width * sizeof(scalar_t));
           }
@@ -275,32 +304,29 @@ at::Tensor masked_linear_cpu(
           out.narrow(1, begin, end - begin)
               .addmm_(x, w.narrow(0, begin, end - begin).t(), beta);
         }
-
-        const scalar_t* wp = w.const_data_ptr<scalar_t>();
-        at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t c0, int64_t c1) {
-          at::Tensor rows_buf = at::empty({kGatherChunk, in_features}, w.options());
-          at::Tensor cols_buf = at::empty({batch, kGatherChunk}, w.options());
-          scalar_t* cb = cols_buf.data_ptr<scalar_t>();
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t n = plan.chunk_rows(c);
-            const int64_t* rows = plan.chunk(c);
-            gather_rows(wp, rows, n, in_features, rows_buf.data_ptr<scalar_t>());
-            if (has_bias) {
-              for (int64_t r = 0; r < batch; ++r) {
-                for (int64_t i = 0; i < n; ++i) {
-                  cb[r * kGatherChunk + i] = b[rows[i]];
-                }
-              }
-            }
-            at::Tensor cols = cols_buf.narrow(1, 0, n);
-            cols.addmm_(x, rows_buf.narrow(0, 0, n).t(), beta);
-            for (int64_t r = 0; r < batch; ++r) {
-              for (int64_t i = 0; i < n; ++i) {
-                o[r * width + rows[i]] = cb[r * kGatherChunk + i];
-              }
-            }
+        if (plan.gathered.empty()) {
+          return;
+        }
+        at::Tensor rows_buf = at::empty({plan.chunk, in_features}, w.options());
+        at::Tensor cols_buf = at::empty({batch, plan.chunk}, w.options());
+        scalar_t* cb = cols_buf.data_ptr<scalar_t>();
+        for (int64_t c = 0; c < plan.num_chunks(); ++c) {
+          const int64_t n = plan.chunk_rows(c);
+          const int64_t* rows = plan.chunk_begin(c);
+          gather_rows(w.const_data_ptr<scalar_t>(), rows, n, in_features,
+                      rows_buf.data_ptr<scalar_t>());
+          if (has_bias) {  // the prefilled bias columns
+            gather_columns(o, width, rows, n, batch, cb, plan.chunk);
           }
-        });
+          cols_buf.narrow(1, 0, n).addmm_(x, rows_buf.narrow(0, 0, n).t(), beta);
+          at::parallel_for(0, batch, 16, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+              for (int64_t i = 0; i < n; ++i) {
+                o[r * width + rows[i]] = cb[r * plan.chunk + i];
+              }
+            }
+          });
+        }
       });
   return out.view(out_shape);
 }
@@ -319,7 +345,12 @@ at::Tensor masked_linear_backward_input_cpu(
   const at::Tensor w = weight.contiguous();
   const at::Tensor live_mask = active.contiguous();
   const int64_t batch = g.size(0);
-  const LivePlan plan = plan_live_rows(live_mask, width);
+  // Reduced precision sums every piece in float32 (each live row gathered and
+  // widened), so the result is rounded once, as a single GEMM's would be.
+  const bool reduced = w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf;
+  const at::ScalarType acc_type = reduced ? at::kFloat : w.scalar_type();
+  const int64_t chunk = gather_chunk_rows(in_features, at::elementSize(acc_type));
+  LivePlan plan = plan_live_rows(live_mask, width, chunk);
   if (batch == 0 || plan.num_live == 0) {
     return at::zeros(out_shape, w.options());
   }
@@ -328,58 +359,36 @@ at::Tensor masked_linear_backward_input_cpu(
     return at::mm(g.narrow(1, begin, end - begin), w.narrow(0, begin, end - begin))
         .view(out_shape);
   }
-
-  // Several pieces are summed. Reduced precision sums in float32 (every live
-  // row gathered and widened) so the result is rounded once, as one GEMM's is.
-  const bool reduced = w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf;
-  const at::ScalarType acc_type = reduced ? at::kFloat : w.scalar_type();
-  const LivePlan pieces = reduced
-      ? plan_live_rows(live_mask, width, std::numeric_limits<int64_t>::max())
-      : plan;
-  std::vector<at::Tensor> partial(at::get_num_threads());
-  partial[0] = at::zeros({batch, in_features}, w.options().dtype(acc_type));
-  for (const auto& [begin, end] : pieces.runs) {
-    partial[0].addmm_(g.narrow(1, begin, end - begin), w.narrow(0, begin, end - begin));
+  if (reduced) {
+    plan = plan_live_rows(live_mask, width, chunk, std::numeric_limits<int64_t>::max());
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, w.scalar_type(), "masked_linear_backward_input_cpu", [&] {
-        using acc_t = std::conditional_t<
-            std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>,
-            float,
-            scalar_t>;
-        const scalar_t* wp = w.const_data_ptr<scalar_t>();
-        const scalar_t* gp = g.const_data_ptr<scalar_t>();
-        at::parallel_for(0, pieces.num_chunks(), 1, [&](int64_t c0, int64_t c1) {
+  at::Tensor acc = at::zeros({batch, in_features}, w.options().dtype(acc_type));
+  for (const auto& [begin, end] : plan.runs) {
+    acc.addmm_(g.narrow(1, begin, end - begin), w.narrow(0, begin, end - begin));
+  }
+  if (!plan.gathered.empty()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, w.scalar_type(), "masked_linear_backward_input_cpu", [&] {
+          using acc_t = std::conditional_t<
+              std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>,
+              float,
+              scalar_t>;
           const auto acc_options = w.options().dtype(acc_type);
-          at::Tensor& acc = partial[at::get_thread_num()];
-          if (!acc.defined()) {
-            acc = at::zeros({batch, in_features}, acc_options);
-          }
-          at::Tensor rows_buf = at::empty({kGatherChunk, in_features}, acc_options);
-          at::Tensor cols_buf = at::empty({batch, kGatherChunk}, acc_options);
-          acc_t* cb = cols_buf.data_ptr<acc_t>();
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t n = pieces.chunk_rows(c);
-            const int64_t* rows = pieces.chunk(c);
-            gather_rows(wp, rows, n, in_features, rows_buf.data_ptr<acc_t>());
-            for (int64_t r = 0; r < batch; ++r) {
-              for (int64_t i = 0; i < n; ++i) {
-                cb[r * kGatherChunk + i] = static_cast<acc_t>(gp[r * width + rows[i]]);
-              }
-            }
+          at::Tensor rows_buf = at::empty({plan.chunk, in_features}, acc_options);
+          at::Tensor cols_buf = at::empty({batch, plan.chunk}, acc_options);
+          for (int64_t c = 0; c < plan.num_chunks(); ++c) {
+            const int64_t n = plan.chunk_rows(c);
+            const int64_t* rows = plan.chunk_begin(c);
+            gather_rows(w.const_data_ptr<scalar_t>(), rows, n, in_features,
+                        rows_buf.data_ptr<acc_t>());
+            gather_columns(g.const_data_ptr<scalar_t>(), width, rows, n, batch,
+                           cols_buf.data_ptr<acc_t>(), plan.chunk);
             acc.addmm_(cols_buf.narrow(1, 0, n), rows_buf.narrow(0, 0, n));
           }
         });
-      });
-
-  at::Tensor total = partial[0];
-  for (size_t t = 1; t < partial.size(); ++t) {
-    if (partial[t].defined()) {
-      total.add_(partial[t]);
-    }
   }
-  return total.to(w.scalar_type()).view(out_shape);
+  return acc.to(w.scalar_type()).view(out_shape);
 }
 
 at::Tensor masked_linear_backward_weight_cpu(
@@ -428,7 +437,8 @@ at::Tensor masked_linear_backward_weight_cpu(
   const at::Tensor x = input.reshape({-1, in_features}).contiguous();
   const at::Tensor live_mask = active.contiguous();
   const int64_t batch = x.size(0);
-  const LivePlan plan = plan_live_rows(live_mask, width);
+  const LivePlan plan = plan_live_rows(
+      live_mask, width, gather_chunk_rows(in_features, x.element_size()));
   if (batch == 0 || plan.num_live == 0) {
     return at::zeros({capacity, in_features}, x.options());
   }
@@ -437,7 +447,6 @@ at::Tensor masked_linear_backward_weight_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "masked_linear_backward_weight_cpu", [&] {
         scalar_t* gw = grad_weight.data_ptr<scalar_t>();
-        const scalar_t* gp = g.const_data_ptr<scalar_t>();
         const bool* live = live_mask.data_ptr<bool>();
         // Rows that are not live get exact zeros; each is written once.
         at::parallel_for(0, capacity, 64, [&](int64_t r0, int64_t r1) {
@@ -452,30 +461,35 @@ at::Tensor masked_linear_backward_weight_cpu(
           at::Tensor rows = grad_weight.narrow(0, begin, end - begin);
           at::mm_out(rows, g.narrow(1, begin, end - begin).t(), x);
         }
-
-        at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t c0, int64_t c1) {
-          at::Tensor cols_buf = at::empty({kGatherChunk, batch}, x.options());
-          at::Tensor rows_buf = at::empty({kGatherChunk, in_features}, x.options());
-          scalar_t* cb = cols_buf.data_ptr<scalar_t>();
-          const scalar_t* rb = rows_buf.const_data_ptr<scalar_t>();
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t n = plan.chunk_rows(c);
-            const int64_t* rows = plan.chunk(c);
-            for (int64_t i = 0; i < n; ++i) {
+        if (plan.gathered.empty()) {
+          return;
+        }
+        // (chunk x batch) gathered gradient columns times x gives the chunk's
+        // weight-gradient rows, which are then copied to their places.
+        at::Tensor cols_buf = at::empty({plan.chunk, batch}, x.options());
+        at::Tensor rows_buf = at::empty({plan.chunk, in_features}, x.options());
+        const scalar_t* gp = g.const_data_ptr<scalar_t>();
+        scalar_t* cb = cols_buf.data_ptr<scalar_t>();
+        const scalar_t* rb = rows_buf.const_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < plan.num_chunks(); ++c) {
+          const int64_t n = plan.chunk_rows(c);
+          const int64_t* rows = plan.chunk_begin(c);
+          at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) {
               for (int64_t r = 0; r < batch; ++r) {
                 cb[i * batch + r] = gp[r * width + rows[i]];
               }
             }
-            at::Tensor block = rows_buf.narrow(0, 0, n);
-            at::mm_out(block, cols_buf.narrow(0, 0, n), x);
-            for (int64_t i = 0; i < n; ++i) {
-              std::memcpy(
-                  gw + rows[i] * in_features,
-                  rb + i * in_features,
-                  in_features * sizeof(scalar_t));
+          });
+          at::Tensor block = rows_buf.narrow(0, 0, n);
+          at::mm_out(block, cols_buf.narrow(0, 0, n), x);
+          at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) {
+              std::memcpy(gw + rows[i] * in_features, rb + i * in_features,
+                          in_features * sizeof(scalar_t));
             }
-          }
-        });
+          });
+        }
       });
   return grad_weight;
 }
