@@ -119,10 +119,12 @@ def bench_case(name: str, factor: float, mask: str, repeats: int, gen) -> dict:
         return F.linear(x, weight[live_rows], bias[live_rows])
 
     def step(forward, grad, params):
+        # Each provider frees its own gradients inside its own timing, as
+        # zero_grad() does in training: freeing a large gradient is not free.
         def run():
+            forward().backward(grad)
             for p in params:
                 p.grad = None
-            forward().backward(grad)
         return run
 
     with torch.no_grad():
@@ -139,8 +141,6 @@ def bench_case(name: str, factor: float, mask: str, repeats: int, gen) -> dict:
         },
         repeats,
     )
-    for p in params + list(baseline.parameters()):
-        p.grad = None
     dead_rows = capacity - live
     warm = torch.zeros(dead_rows, in_features)
     zero = interleaved({"zero": warm.zero_}, repeats)["zero"]

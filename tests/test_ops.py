@@ -96,6 +96,26 @@ def test_values_and_grads_match_reference(dtype, kind, has_bias):
     assert torch.all(masked_columns == torch.finfo(dtype).min)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("kind", ["prefix", "mixed"])
+def test_large_weight_gradient(dtype, kind):
+    """Gradients over 1 MiB come from fresh zero pages; rows not live must still read zero."""
+    gen = torch.Generator().manual_seed(6)
+    capacity, in_features = 4200, 128
+    active = torch.zeros(capacity, dtype=torch.bool)
+    active[: 900] = make_mask(kind, 900, gen)
+    x = torch.randn(3, in_features, generator=gen).to(dtype)
+    weight = torch.randn(capacity, in_features, generator=gen).to(dtype).requires_grad_()
+    grad_out = torch.randn(3, 1000, generator=gen).to(dtype)
+    ops.masked_linear(x, weight, None, active, 1000).backward(grad_out)
+    expected_weight = weight.detach().double().requires_grad_()
+    reference.masked_linear(x.double(), expected_weight, None, active, 1000).backward(grad_out.double())
+    assert_close(weight.grad, expected_weight.grad, dtype, "grad weight")
+    assert torch.all(weight.grad[~active] == 0)
+    weight.grad.mul_(2).add_(1)  # the storage is ordinary, writable memory
+    assert torch.all(weight.grad[~active] == 1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_low_precision_error_is_like_pytorch_linear(dtype):
     """The kernel's error is at most a small multiple of F.linear's own on the same inputs."""

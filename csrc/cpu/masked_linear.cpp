@@ -18,6 +18,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#endif
+
 namespace growop {
 namespace {
 
@@ -31,7 +35,7 @@ constexpr int64_t kGatherBlockBytes = int64_t{4} << 20;
 
 int64_t gather_chunk_rows(int64_t in_features, int64_t element_size) {
   const int64_t row_bytes = std::max<int64_t>(1, in_features * element_size);
-  return std::clamp<int64_t>(kGatherBlockBytes / row_bytes, 64, 2048);
+  return std::clamp<int64_t>(kGatherBlockBytes / row_bytes, 16, 2048);
 }
 
 // How the live rows among the first `width` rows are covered.
@@ -83,6 +87,32 @@ LivePlan plan_live_rows(
     j = end;
   }
   return plan;
+}
+
+// A weight gradient at least this large is mapped straight from the kernel as
+// fresh anonymous pages, which read as zero until written, so the rows that are
+// not live are never touched: no write, no page fault. A fresh gradient from
+// the allocator is page-faulted in whole (capacity rows) on every step, which
+// measured slower even at 1.25x headroom. Small buffers come from the
+// allocator, which may hand back warm memory, and their dead rows are zeroed.
+constexpr int64_t kZeroPagesMinBytes = int64_t{1} << 20;
+
+// An uninitialised tensor, or (second == true) one known to hold zeros.
+std::pair<at::Tensor, bool> empty_or_zero_pages(
+    at::IntArrayRef sizes,
+    const at::TensorOptions& options) {
+  const int64_t bytes =
+      c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
+#if defined(MAP_ANONYMOUS)
+  if (bytes >= kZeroPagesMinBytes) {
+    void* pages = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (pages != MAP_FAILED) {
+      auto unmap = [bytes](void* ptr) { munmap(ptr, bytes); };
+      return {at::from_blob(pages, sizes, unmap, options), true};
+    }
+  }
+#endif
+  return {at::empty(sizes, options), false};
 }
 
 bool is_supported_dtype(at::ScalarType t) {
@@ -443,13 +473,13 @@ at::Tensor masked_linear_backward_weight_cpu(
     return at::zeros({capacity, in_features}, x.options());
   }
 
-  at::Tensor grad_weight = at::empty({capacity, in_features}, x.options());
+  auto [grad_weight, zeroed] = empty_or_zero_pages({capacity, in_features}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "masked_linear_backward_weight_cpu", [&] {
         scalar_t* gw = grad_weight.data_ptr<scalar_t>();
         const bool* live = live_mask.data_ptr<bool>();
         // Rows that are not live get exact zeros; each is written once.
-        at::parallel_for(0, capacity, 64, [&](int64_t r0, int64_t r1) {
+        at::parallel_for(0, zeroed ? 0 : capacity, 64, [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
             if (r >= width || !live[r]) {
               std::memset(gw + r * in_features, 0, in_features * sizeof(scalar_t));
@@ -464,9 +494,10 @@ at::Tensor masked_linear_backward_weight_cpu(
         if (plan.gathered.empty()) {
           return;
         }
-        // (chunk x batch) gathered gradient columns times x gives the chunk's
-        // weight-gradient rows, which are then copied to their places.
-        at::Tensor cols_buf = at::empty({plan.chunk, batch}, x.options());
+        // The chunk's gradient columns, gathered row by row (batch x chunk),
+        // transposed into the GEMM give its weight-gradient rows, which are
+        // then copied to their places.
+        at::Tensor cols_buf = at::empty({batch, plan.chunk}, x.options());
         at::Tensor rows_buf = at::empty({plan.chunk, in_features}, x.options());
         const scalar_t* gp = g.const_data_ptr<scalar_t>();
         scalar_t* cb = cols_buf.data_ptr<scalar_t>();
@@ -474,15 +505,9 @@ at::Tensor masked_linear_backward_weight_cpu(
         for (int64_t c = 0; c < plan.num_chunks(); ++c) {
           const int64_t n = plan.chunk_rows(c);
           const int64_t* rows = plan.chunk_begin(c);
-          at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
-            for (int64_t i = i0; i < i1; ++i) {
-              for (int64_t r = 0; r < batch; ++r) {
-                cb[i * batch + r] = gp[r * width + rows[i]];
-              }
-            }
-          });
+          gather_columns(gp, width, rows, n, batch, cb, plan.chunk);
           at::Tensor block = rows_buf.narrow(0, 0, n);
-          at::mm_out(block, cols_buf.narrow(0, 0, n), x);
+          at::mm_out(block, cols_buf.narrow(1, 0, n).t(), x);
           at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i) {
               std::memcpy(gw + rows[i] * in_features, rb + i * in_features,
