@@ -89,30 +89,37 @@ LivePlan plan_live_rows(
   return plan;
 }
 
-// A weight gradient at least this large is mapped straight from the kernel as
-// fresh anonymous pages, which read as zero until written, so the rows that are
-// not live are never touched: no write, no page fault. A fresh gradient from
-// the allocator is page-faulted in whole (capacity rows) on every step, which
-// measured slower even at 1.25x headroom. Small buffers come from the
-// allocator, which may hand back warm memory, and their dead rows are zeroed.
+// The weight gradient has all `capacity` rows, and the ones that are not live
+// must read as zero. Fresh anonymous pages from the kernel read as zero until
+// written, so when the gradient is mapped that way the dead rows cost nothing:
+// no write, no page fault. The trade: those pages are never warm, so the live
+// rows are faulted in on every step. The allocator maps buffers of 32 MiB and
+// more afresh on every allocation anyway (glibc's largest mmap threshold), so
+// there fresh pages always win; below that it may hand back warm memory, and
+// fresh pages win only when at least half the rows are dead. Measured in
+// benchmarks/bench_linear.py.
 constexpr int64_t kZeroPagesMinBytes = int64_t{1} << 20;
+constexpr int64_t kAlwaysFreshBytes = int64_t{32} << 20;
 
-// An uninitialised tensor, or (second == true) one known to hold zeros.
-std::pair<at::Tensor, bool> empty_or_zero_pages(
-    at::IntArrayRef sizes,
+// A (rows x row_size) buffer for a gradient with `dead_rows` rows that must be
+// zero: uninitialised, or (second == true) already all zeros.
+std::pair<at::Tensor, bool> gradient_buffer(
+    int64_t rows,
+    int64_t row_size,
+    int64_t dead_rows,
     const at::TensorOptions& options) {
-  const int64_t bytes =
-      c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
+  const int64_t bytes = rows * row_size * static_cast<int64_t>(options.dtype().itemsize());
 #if defined(MAP_ANONYMOUS)
-  if (bytes >= kZeroPagesMinBytes) {
+  const bool fresh_pages_win = bytes >= kAlwaysFreshBytes || 2 * dead_rows >= rows;
+  if (bytes >= kZeroPagesMinBytes && fresh_pages_win) {
     void* pages = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (pages != MAP_FAILED) {
       auto unmap = [bytes](void* ptr) { munmap(ptr, bytes); };
-      return {at::from_blob(pages, sizes, unmap, options), true};
+      return {at::from_blob(pages, {rows, row_size}, unmap, options), true};
     }
   }
 #endif
-  return {at::empty(sizes, options), false};
+  return {at::empty({rows, row_size}, options), false};
 }
 
 bool is_supported_dtype(at::ScalarType t) {
@@ -473,7 +480,8 @@ at::Tensor masked_linear_backward_weight_cpu(
     return at::zeros({capacity, in_features}, x.options());
   }
 
-  auto [grad_weight, zeroed] = empty_or_zero_pages({capacity, in_features}, x.options());
+  auto [grad_weight, zeroed] =
+      gradient_buffer(capacity, in_features, capacity - plan.num_live, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "masked_linear_backward_weight_cpu", [&] {
         scalar_t* gw = grad_weight.data_ptr<scalar_t>();
