@@ -13,9 +13,11 @@ from torch import Tensor, nn
 from torch.nn.parameter import Parameter
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from growop import functional
+from growop import distributed, functional
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+_UINT64 = (1 << 64) - 1
 
 # Past capacity, storage grows to at least this multiple of the old capacity, so a
 # run of single-row grows reallocates O(log n) times.
@@ -152,6 +154,12 @@ class GrowLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.register_buffer("active", torch.arange(capacity, device=device) < out_features)
+        # Seeds grow(init="default"): a buffer, so DDP broadcasts rank 0's at wrap time and
+        # every rank draws the same new rows whatever its own RNG state; non-persistent, so
+        # checkpoints keep the keys nn.Linear-style code expects.
+        self.register_buffer(
+            "_init_seed", torch.zeros((), dtype=torch.int64, device=device), persistent=False
+        )
         self.reset_parameters()
 
     # ------------------------------------------------------------------ basics
@@ -161,11 +169,24 @@ class GrowLinear(nn.Module):
         return self.weight.shape[0]
 
     def reset_parameters(self) -> None:
-        """Re-initialises every row as ``nn.Linear`` does; the mask is left as it is."""
+        """Re-initialises every row as ``nn.Linear`` does; the mask is left as it is.
+
+        Also draws, from the global RNG, the seed from which later ``grow(init="default")``
+        rows are drawn, so ``torch.manual_seed`` before construction fixes those rows too.
+        """
         _linear_init_(self.weight, self.bias, self.in_features)
+        if not self._init_seed.is_meta:  # on meta nothing is computed, as in nn.Linear
+            seed = torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64)
+            self._init_seed.fill_(seed.item())
 
     def forward(self, input: Tensor) -> Tensor:
-        width = self.capacity if self.static_shape else self.out_features
+        if self.static_shape:
+            return self._masked_linear(input, self.capacity)
+        if torch.compiler.is_compiling():
+            return _forward_with_dynamic_width(self, input)
+        return self._masked_linear(input, self.out_features)
+
+    def _masked_linear(self, input: Tensor, width: int) -> Tensor:
         return functional.masked_linear(
             input,
             self.weight,
@@ -194,6 +215,7 @@ class GrowLinear(nn.Module):
         *,
         init: RowInit = "default",
         optimizer: torch.optim.Optimizer | None = None,
+        allow_reallocation: bool = False,
     ) -> range:
         """Adds ``k`` live output rows after the last slot in use; returns their indices.
 
@@ -204,33 +226,59 @@ class GrowLinear(nn.Module):
         this layer raises a clear error at its next ``step()`` (see
         :meth:`resize_optimizer_state`).
 
+        In data-parallel training every process calls ``grow`` with the same arguments at
+        the same step. Within capacity this works under ``DistributedDataParallel`` (wrapped
+        once, never re-wrapped) and FSDP2's ``fully_shard``. Past capacity it raises while
+        ``torch.distributed`` runs more than one process, unless ``allow_reallocation=True``
+        (and always under FSDP2).
+
         Args:
             k: number of rows, ``>= 1``.
             init: how the new rows start:
 
-                - ``"default"``: ``nn.Linear``'s initialisation;
+                - ``"default"``: ``nn.Linear``'s initialisation, drawn from a generator
+                  seeded by the layer's seed (drawn from the global RNG at construction or
+                  :meth:`reset_parameters`) and the index of the first new row. The rows do
+                  not depend on the global RNG state at the time of the call, so every DDP
+                  rank draws the same rows; ``torch.manual_seed`` before construction fixes
+                  them;
                 - ``"zeros"``: weight and bias zero;
                 - ``"mean"``: the mean of the live rows (weight and bias);
                 - a Tensor ``(k, in_features)`` or ``(in_features,)``: the weight rows (bias 0);
                 - a tuple ``(weight, bias)`` of such tensors (bias ``(k,)`` or a scalar);
                 - a callable ``init(weight, bias)`` that fills, in place, a ``(k, in_features)``
                   tensor and a ``(k,)`` tensor (``None`` without bias).
+
+                In distributed training, tensors and callables must give the same values on
+                every process (for example, draw them from a ``torch.Generator`` seeded
+                identically everywhere): growop cannot tell, and ranks that differ drift
+                apart silently under DDP.
             optimizer: the optimizer that trains this layer. The new rows' state (momentum,
                 Adam moments, ...) starts at zero; old rows' state is untouched.
+            allow_reallocation: permit growing past capacity while ``torch.distributed`` runs
+                more than one process. Only for a model that is not wrapped in
+                ``DistributedDataParallel``, or that you will wrap again after growing: DDP's
+                gradient buckets do not follow reallocated parameters.
 
         After an error nothing has changed.
         """
         k = _positive_int(k, "grow: k")
         _check_optimizer_holds(optimizer, self)
-        weight_rows, bias_rows = self._initial_rows(k, init)
         start = self.out_features
         stop = start + k
         if stop > self.capacity:
+            reason = distributed.reallocation_error(
+                self.capacity, stop, self._params(), bool(allow_reallocation)
+            )
+            if reason is not None:
+                raise RuntimeError(reason)
+        weight_rows, bias_rows = self._initial_rows(k, init)
+        if stop > self.capacity:
             self._reallocate(max(default_capacity(stop), math.ceil(self.capacity * GROWTH_FACTOR)), optimizer)
         with torch.no_grad():
-            self.weight[start:stop].copy_(weight_rows)
+            distributed.write_rows_(self.weight, start, weight_rows)
             if self.bias is not None:
-                self.bias[start:stop].copy_(bias_rows)
+                distributed.write_rows_(self.bias, start, bias_rows)
             self.active[start:stop] = True
         self.out_features = stop
         if optimizer is not None:
@@ -405,16 +453,18 @@ class GrowLinear(nn.Module):
         return torch.finfo(self.weight.dtype).min
 
     def _initial_rows(self, k: int, init: RowInit) -> tuple[Tensor, Tensor | None]:
-        """The new rows' values, computed before anything in the layer changes."""
-        like = self.weight.detach()
+        """The new rows' values, computed before anything in the layer changes.
+
+        Plain tensors on the layer's device, the same on every process for the built-in
+        inits (``"mean"`` gathers sharded parameters, a collective under FSDP2).
+        """
+        like = distributed.local(self.weight.detach())
         has_bias = self.bias is not None
         shape = (k, self.in_features)
         with torch.no_grad():
             if isinstance(init, str):
                 if init == "default":
-                    weight = like.new_empty(shape)
-                    bias = like.new_empty(k) if has_bias else None
-                    _linear_init_(weight, bias, self.in_features)
+                    weight, bias = self._default_rows(k)
                 elif init == "zeros":
                     weight = like.new_zeros(shape)
                     bias = like.new_zeros(k) if has_bias else None
@@ -422,9 +472,10 @@ class GrowLinear(nn.Module):
                     live = self.active.nonzero().squeeze(1)
                     if live.numel() == 0:
                         raise ValueError("grow(init='mean') needs at least one live row")
-                    weight = like.index_select(0, live).mean(0).expand(shape).clone()
+                    weight = distributed.full(self.weight.detach())
+                    weight = weight.index_select(0, live).mean(0).expand(shape).clone()
                     bias = (
-                        self.bias.detach().index_select(0, live).mean().expand(k).clone()
+                        distributed.full(self.bias.detach()).index_select(0, live).mean().expand(k).clone()
                         if has_bias
                         else None
                     )
@@ -455,6 +506,24 @@ class GrowLinear(nn.Module):
             else:
                 raise TypeError(f"grow: init must be a str, tensor, tuple or callable, got {type(init).__name__}")
         return weight, bias
+
+    def _default_rows(self, k: int) -> tuple[Tensor, Tensor | None]:
+        """``nn.Linear``-initialised rows ``out_features .. out_features + k``, reproducibly.
+
+        Drawn on the CPU from a generator seeded by the layer's seed and the first new row
+        (both the same on every DDP rank), then moved: the rows do not depend on the global
+        RNG at call time, nor on the device.
+        """
+        like = distributed.local(self.weight.detach())
+        weight = torch.empty((k, self.in_features), dtype=like.dtype)
+        bias = torch.empty(k, dtype=like.dtype) if self.bias is not None else None
+        if not like.is_meta:
+            generator = torch.Generator().manual_seed(
+                _row_seed(int(self._init_seed), self.out_features)
+            )
+            _linear_init_(weight, bias, self.in_features, generator=generator)
+        weight = weight.to(like.device)
+        return weight, bias.to(like.device) if bias is not None else None
 
     def _reallocate(self, capacity: int, optimizer: torch.optim.Optimizer | None) -> None:
         """Grows the storage to ``capacity`` rows, keeping the Parameter objects and old rows.
@@ -498,7 +567,7 @@ class GrowLinear(nn.Module):
                 state = optimizer.state.get(param) if param in optimizer.state else None
                 for value in (state or {}).values():
                     if _is_row_state(value, param) and value.shape[0] == param.shape[0]:
-                        value[rows] = 0
+                        distributed.zero_rows_(value, rows)
 
     def _row_index(self, rows: Rows, method: str) -> Tensor:
         """Validated row indices as a long tensor on the mask's device."""
@@ -523,12 +592,41 @@ class GrowLinear(nn.Module):
         return index.to(self.active.device)
 
 
-def _linear_init_(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
+def _forward_with_dynamic_width(layer: GrowLinear, input: Tensor) -> Tensor:
+    """``layer.forward`` as ``torch.compile`` should trace it without ``static_shape``.
+
+    Dynamo treats int attributes of modules as constants, so every grow would compile a new
+    graph until ``recompile_limit`` (8) graphs exist, after which the model silently runs
+    eagerly. Tracing ``out_features`` as an ordinary int instead lets automatic dynamic
+    shapes apply: one recompile at the first grow, with a symbolic width, then none. The
+    config patch is scoped to this call; torch without it keeps the constant behaviour.
+    """
+    patch = getattr(torch._dynamo, "patch_dynamo_config", None)  # imported: we are compiling
+    if patch is None:
+        return layer._masked_linear(input, layer.out_features)
+    with patch(allow_unspec_int_on_nn_module=True):
+        return layer._masked_linear(input, layer.out_features)
+
+
+def _linear_init_(
+    weight: Tensor, bias: Tensor | None, fan_in: int, generator: torch.Generator | None = None
+) -> None:
     """``nn.Linear.reset_parameters`` for any number of rows."""
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
     if bias is not None:
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-        nn.init.uniform_(bias, -bound, bound)
+        nn.init.uniform_(bias, -bound, bound, generator=generator)
+
+
+def _row_seed(layer_seed: int, first_row: int) -> int:
+    """A seed for the rows grown from ``first_row``: SplitMix64 of the pair.
+
+    Mixing (rather than adding) keeps the streams of neighbouring layers and grows apart.
+    """
+    z = (layer_seed + (first_row + 1) * 0x9E3779B97F4A7C15) & _UINT64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _UINT64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _UINT64
+    return z ^ (z >> 31)
 
 
 def _rows_like(value: Tensor, shape: tuple, like: Tensor, what: str) -> Tensor:

@@ -3,7 +3,8 @@
 The kernels live in ``csrc/``; this file gives each operator its Python face. Every
 operator has a fake (meta) kernel, so it traces under ``torch.compile`` and runs on the
 meta device, and ``masked_linear`` has an autograd formula whose backward is made of the
-three registered backward operators.
+three registered backward operators, and an autocast rule that makes it behave as
+``F.linear`` does under ``torch.autocast``.
 """
 
 from __future__ import annotations
@@ -116,3 +117,40 @@ def _backward(ctx, grad_output):
 torch.library.register_autograd(
     "growop::masked_linear", _backward, setup_context=_setup_context
 )
+
+
+# ----------------------------------------------------------------------------- autocast
+
+# Devices whose autocast computes masked_linear in the autocast dtype, as F.linear does,
+# and the dispatch key of each one's autocast.
+AUTOCAST_DISPATCH_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def _autocast_cast(value, device_type: str, dtype: torch.dtype):
+    """Autocast's rule for which arguments change dtype: floating tensors on the autocast
+    device, except float64. The bool mask and the scalars stay as they are."""
+    if (
+        isinstance(value, Tensor)
+        and value.is_floating_point()
+        and value.dtype != torch.float64
+        and value.device.type == device_type
+    ):
+        return value.to(dtype)
+    return value
+
+
+def _autocast_kernel(device_type: str):
+    def masked_linear_autocast(input, weight, bias, active, width, mask_value):
+        # torch.library.register_autocast fixes one dtype per device at registration, but
+        # the context chooses it at run time (bfloat16 or float16 on either device), so the
+        # kernel reads it from the context, as autocast's own kernels do.
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight, bias = (_autocast_cast(t, device_type, dtype) for t in (input, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            return _ops.masked_linear.default(input, weight, bias, active, width, mask_value)
+
+    return masked_linear_autocast
+
+
+for _device_type, _dispatch_key in AUTOCAST_DISPATCH_KEYS.items():
+    torch.library.impl("growop::masked_linear", _dispatch_key, _autocast_kernel(_device_type))

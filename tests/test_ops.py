@@ -328,3 +328,17 @@ class TestErrors:
             ops.masked_linear_backward_weight(torch.randn(3, 6), torch.randn(2, 4), self.active)
         with pytest.raises(RuntimeError, match="more columns than the capacity"):
             ops.masked_linear_backward_bias(torch.randn(2, 7), self.active)
+
+
+def test_results_are_not_views_so_in_place_ops_may_follow():
+    weight = torch.randn(6, 4, requires_grad=True)
+    active = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    out = ops.masked_linear(x, weight, None, active, 6)
+    assert out._base is None
+    torch.relu_(out).sum().backward()
+    grads = (ops.masked_linear_backward_input(torch.randn(2, 3, 6), weight.detach(), active),
+             ops.masked_linear_backward_input(torch.randn(2, 6), weight.detach(), active[[0, 1, 2, 3, 5, 4]]))
+    assert all(g._base is None for g in grads)
+    model = torch.nn.Sequential(growop.GrowLinear(4, 5), torch.nn.ReLU(inplace=True))
+    model(torch.randn(3, 4)).sum().backward()

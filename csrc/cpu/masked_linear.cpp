@@ -309,10 +309,12 @@ at::Tensor masked_linear_cpu(
   const at::Tensor w = weight.contiguous();
   const at::Tensor live_mask = active.contiguous();
   const int64_t batch = x.size(0);
-  at::Tensor out = at::empty({batch, width}, x.options());
-  const auto out_shape = with_last_dim(input.sizes(), width);
+  // The result is allocated in its final shape and written through a 2-D view:
+  // an operator must not return a view of a tensor it made.
+  at::Tensor result = at::empty(with_last_dim(input.sizes(), width), x.options());
+  at::Tensor out = result.view({batch, width});
   if (batch == 0 || width == 0) {
-    return out.view(out_shape);
+    return result;
   }
   const LivePlan plan = plan_live_rows(
       live_mask, width, gather_chunk_rows(in_features, w.element_size()));
@@ -365,7 +367,7 @@ at::Tensor masked_linear_cpu(
           });
         }
       });
-  return out.view(out_shape);
+  return result;
 }
 
 at::Tensor masked_linear_backward_input_cpu(
@@ -393,8 +395,10 @@ at::Tensor masked_linear_backward_input_cpu(
   }
   if (plan.gathered.empty() && plan.runs.size() == 1) {
     const auto [begin, end] = plan.runs.front();
-    return at::mm(g.narrow(1, begin, end - begin), w.narrow(0, begin, end - begin))
-        .view(out_shape);
+    at::Tensor result = at::empty(out_shape, w.options());
+    at::Tensor result_2d = result.view({batch, in_features});
+    at::mm_out(result_2d, g.narrow(1, begin, end - begin), w.narrow(0, begin, end - begin));
+    return result;
   }
   if (reduced) {
     plan = plan_live_rows(live_mask, width, chunk, std::numeric_limits<int64_t>::max());
@@ -425,7 +429,9 @@ at::Tensor masked_linear_backward_input_cpu(
           }
         });
   }
-  return acc.to(w.scalar_type()).view(out_shape);
+  at::Tensor result = at::empty(out_shape, w.options());
+  result.view({batch, in_features}).copy_(acc);
+  return result;
 }
 
 at::Tensor masked_linear_backward_weight_cpu(
