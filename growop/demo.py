@@ -2,11 +2,14 @@
 
 Run ``python -m growop.demo`` (``--help`` for the options). The ten digit classes arrive in
 stages; at each stage the classifier's head gains one output per new class and training
-goes on over every image seen so far (cumulative replay). Three ways to grow the head are
+goes on over every image seen so far (cumulative replay). Four ways to grow the head are
 trained on the same data, from the same weights, with the same batches and step budget:
 
 - ``growop``: a :class:`growop.GrowLinear` head and one Adam optimizer for the whole run,
-  grown with ``head.grow(k, optimizer=opt)``;
+  grown with ``head.grow(k, optimizer=opt)``; new rows get their own Adam step counts
+  (``growop.optim``), so they start as a fresh Adam would start them;
+- ``growop_uncorrected``: the same without per-row step counts: new rows are
+  bias-corrected with the optimizer's shared step count, as stock Adam does;
 - ``copy_keep_optimizer``: an ``nn.Linear`` head replaced by a bigger copy
   (:func:`growop.reference.add_output_nodes`) while the optimizer is kept. The optimizer
   still holds the old head's Parameters, so the new head never trains: a common mistake;
@@ -44,9 +47,10 @@ from torch import Tensor, nn
 
 import growop
 from growop import GrowLinear
+from growop.optim import row_step_correction
 from growop.reference import add_output_nodes
 
-METHODS = ("growop", "copy_keep_optimizer", "copy_new_optimizer")
+METHODS = ("growop", "growop_uncorrected", "copy_keep_optimizer", "copy_new_optimizer")
 NUM_CLASSES = 10
 IN_FEATURES = 64  # 8x8 pixels
 HIDDEN = 64
@@ -209,7 +213,7 @@ def grow_head(
     Returns the optimizer to train with from now on, the new rows' slice in the head and
     the seconds the grow took. Each method's timed region is its own recipe, including its
     own default initialisation of the new rows. Afterwards, untimed, the new rows are
-    overwritten with the shared ``new_rows``, so all three heads start the stage with
+    overwritten with the shared ``new_rows``, so all heads start the stage with
     identical new rows (growop's Adam state for them is zero either way).
     """
     k = new_rows[0].shape[0]
@@ -217,7 +221,7 @@ def grow_head(
     old_out = model.head.out_features
     _synchronize(device)
     start = time.perf_counter()
-    if method == "growop":
+    if method.startswith("growop"):
         model.head.grow(k, optimizer=optimizer)
     else:
         model.head = add_output_nodes(model.head, k)
@@ -245,14 +249,17 @@ def run_method(
 ) -> MethodResult:
     """Trains a copy of ``initial_model`` stage by stage, growing its head ``method``'s way.
 
-    Every method draws its batches from a generator seeded with ``seed``, so all three see
+    Every method draws its batches from a generator seeded with ``seed``, so all of them see
     the same images in the same order.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     model = copy.deepcopy(initial_model)
-    if method == "growop":
+    if method.startswith("growop"):
         model.head = GrowLinear.from_linear(model.head)
+    # growop_uncorrected: growop without per-row Adam step counts (growop.optim), so new
+    # rows are bias-corrected with the optimizer's shared step count, as stock Adam does.
+    corrected = method != "growop_uncorrected"
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     batches = torch.Generator().manual_seed(seed)
     result = MethodResult()
@@ -274,7 +281,8 @@ def run_method(
             loss = F.cross_entropy(model(data.x_train[index]), data.y_train[index])
             optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
+            with row_step_correction(corrected):
+                optimizer.step()
             progress.update(1)
 
         accuracy = evaluate(model, data, num_seen)
@@ -356,6 +364,7 @@ def plot_accuracy(
     x = np.arange(1, len(stages) + 1)
     styles = {
         "growop": dict(marker="o", linestyle="-", color="tab:blue"),
+        "growop_uncorrected": dict(marker="D", linestyle=":", color="tab:purple"),
         "copy_keep_optimizer": dict(marker="s", linestyle="--", color="tab:red"),
         "copy_new_optimizer": dict(marker="^", linestyle="-.", color="tab:green"),
     }

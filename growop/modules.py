@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import Parameter
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from growop import distributed, functional
+from growop import distributed, functional, optim
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -154,6 +154,9 @@ class GrowLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.register_buffer("active", torch.arange(capacity, device=device) < out_features)
+        # The optimizer step at which each row started fresh (0: from the beginning); read
+        # by growop.optim to give Adam-family optimizers per-row step counts.
+        self.register_buffer("row_start_step", torch.zeros(capacity, dtype=torch.int64, device=device))
         # Seeds grow(init="default"): a buffer, so DDP broadcasts rank 0's at wrap time and
         # every rank draws the same new rows whatever its own RNG state; non-persistent, so
         # checkpoints keep the keys nn.Linear-style code expects.
@@ -161,6 +164,7 @@ class GrowLinear(nn.Module):
             "_init_seed", torch.zeros((), dtype=torch.int64, device=device), persistent=False
         )
         self.reset_parameters()
+        optim.register_layer(self)
 
     # ------------------------------------------------------------------ basics
 
@@ -283,6 +287,7 @@ class GrowLinear(nn.Module):
         self.out_features = stop
         if optimizer is not None:
             self._reset_optimizer_rows(optimizer, slice(start, stop))
+            optim.start_rows(self, torch.arange(start, stop), optimizer)
         return range(start, stop)
 
     def deactivate(self, rows: Rows, *, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -311,6 +316,7 @@ class GrowLinear(nn.Module):
             self.active[index] = True
         if optimizer is not None:
             self._reset_optimizer_rows(optimizer, index)
+            optim.start_rows(self, index, optimizer)
 
     def resize_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Brings ``optimizer``'s per-row state for this layer to the current capacity.
@@ -401,6 +407,7 @@ class GrowLinear(nn.Module):
     ):
         weight_key, bias_key = prefix + "weight", prefix + "bias"
         active_key, extra_key = prefix + "active", prefix + "_extra_state"
+        start_key = prefix + "row_start_step"
         weight = state_dict.get(weight_key)
         if isinstance(weight, Tensor) and weight.dim() == 2:
             rows = weight.shape[0]
@@ -408,6 +415,9 @@ class GrowLinear(nn.Module):
                 # An nn.Linear checkpoint: every row is a live output.
                 state_dict[active_key] = torch.ones(rows, dtype=torch.bool)
                 state_dict[extra_key] = {"out_features": rows, "version": 1}
+            if start_key not in state_dict:
+                # Written before per-row step counts: every row counts from the start.
+                state_dict[start_key] = torch.zeros(rows, dtype=torch.int64)
             extra = state_dict.get(extra_key)
             out_features = extra.get("out_features") if isinstance(extra, dict) else None
             if out_features is not None and out_features > self.capacity:
@@ -417,19 +427,22 @@ class GrowLinear(nn.Module):
                 )
                 return
             if rows != self.capacity:
-                self._fit_rows_in_place(state_dict, (weight_key, bias_key, active_key), rows)
+                self._fit_rows_in_place(
+                    state_dict, (weight_key, bias_key, active_key, start_key), rows
+                )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        optim.track(self)
 
     def _fit_rows_in_place(self, state_dict: dict, keys: tuple, rows: int) -> None:
         """Rewrites a checkpoint's per-row tensors to this layer's capacity.
 
         The first ``min(rows, capacity)`` rows come from the checkpoint; rows past the
-        checkpoint keep this layer's own values and are not live.
+        checkpoint keep this layer's own values and are not live (mask and start steps 0).
         """
         keep = min(rows, self.capacity)
-        current = {keys[0]: self.weight, keys[1]: self.bias, keys[2]: self.active}
+        current = dict(zip(keys, (self.weight, self.bias, self.active, self.row_start_step)))
         for key in keys:
             saved, own = state_dict.get(key), current[key]
             if not isinstance(saved, Tensor) or own is None or saved.dim() != own.dim():
@@ -437,7 +450,7 @@ class GrowLinear(nn.Module):
             if saved.shape[1:] != own.shape[1:]:
                 continue  # left for the usual size-mismatch error
             fitted = own.detach().clone()
-            if key == keys[2]:
+            if key not in keys[:2]:
                 fitted.zero_()
             fitted[:keep].copy_(saved[:keep])
             state_dict[key] = fitted
@@ -545,6 +558,8 @@ class GrowLinear(nn.Module):
             grads.append(grad)
         active = self.active.new_zeros(capacity)
         active[:old].copy_(self.active)
+        row_start_step = self.row_start_step.new_zeros(capacity)
+        row_start_step[:old].copy_(self.row_start_step)
 
         for param, data, grad in zip(params, datas, grads):
             # Autograd caches the parameter's gradient accumulator, shape included, for as
@@ -555,6 +570,8 @@ class GrowLinear(nn.Module):
             if grad is not None:
                 param.grad = grad
         self.active = active
+        self.row_start_step = row_start_step
+        optim.track(self)
         if optimizer is not None:
             self.resize_optimizer_state(optimizer)
         else:

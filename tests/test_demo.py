@@ -54,6 +54,7 @@ def test_only_the_kept_optimizer_leaves_new_rows_untrained(quick_run):
     assert results["copy_keep_optimizer"]["new_rows_trained"] is False
     assert results["growop"]["new_rows_trained"] is True
     assert results["copy_new_optimizer"]["new_rows_trained"] is True
+    assert results["growop_uncorrected"]["new_rows_trained"] is True
 
 
 def test_same_seed_gives_same_accuracies(quick_run, tmp_path):
