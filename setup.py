@@ -3,14 +3,33 @@
 Build against the torch you run with, so pass ``--no-build-isolation``:
 ``pip install --no-build-isolation .`` (or ``-e .``). Without this build, ``import growop``
 compiles the same sources JIT (see growop/_extension.py).
+
+With a CUDA build of torch and an ``nvcc`` of its CUDA major version (see
+``growop._extension.builds_cuda``; ``GROWOP_BUILD_CUDA=0`` or ``1`` overrides), the CUDA kernels
+(csrc/cuda/) are built too, for the architectures in ``TORCH_CUDA_ARCH_LIST`` (default here:
+``8.0;9.0+PTX``, sm_80 and sm_90 machine code plus PTX for newer GPUs). Otherwise the
+extension is CPU-only and built exactly as before.
 """
 
+import importlib.util
+import os
 from pathlib import Path
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
+
+
+def _load_extension_helpers():
+    """growop/_extension.py alone: importing the package would load the extension."""
+    spec = importlib.util.spec_from_file_location("_growop_extension", ROOT / "growop" / "_extension.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_extension = _load_extension_helpers()
 
 
 def sources() -> list[str]:
@@ -18,9 +37,24 @@ def sources() -> list[str]:
     return [str(path.relative_to(ROOT)) for path in files]
 
 
+def cuda_sources() -> list[str]:
+    cuda = ROOT / "csrc" / "cuda"
+    files = [*sorted(cuda.glob("*.cpp")), *sorted(cuda.glob("*.cu"))]
+    return [str(path.relative_to(ROOT)) for path in files]
+
+
+def extension():
+    if not _extension.builds_cuda():
+        return CppExtension("growop._C", sources(), extra_compile_args={"cxx": ["-O3"]})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _extension.DEFAULT_CUDA_ARCHS)
+    return CUDAExtension(
+        "growop._C",
+        sources() + cuda_sources(),
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+    )
+
+
 setup(
-    ext_modules=[
-        CppExtension("growop._C", sources(), extra_compile_args={"cxx": ["-O3"]}),
-    ],
+    ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_linear.py            # every case (a few minutes on 2 cores)
     python benchmarks/bench_linear.py --quick    # the two small cases only
+    python benchmarks/bench_linear.py --device cuda   # the GPU benchmark (see main_cuda)
 
 For each (batch, in_features, live rows) case and capacity (a multiple of the live rows),
 with the live rows as one prefix and as a fragmented mask (the live rows drawn at random
@@ -22,6 +23,10 @@ times, interleaving the providers so drift hits all of them alike:
 
 Prints a table and writes every row to a CSV (``--csv``) with the machine, torch version
 and date.
+
+``--device cuda`` measures growop's CUDA kernels instead (see :func:`main_cuda`): one
+vocabulary-sized layer, (batch, in, live) = (8192, 4096, 32000), in bf16 and fp32, timed with
+CUDA events, plus grow latency on the GPU. The CPU run is unchanged by it.
 """
 
 from __future__ import annotations
@@ -208,8 +213,20 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="only the two small cases, fewer repeats")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None)
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per measurement")
-    parser.add_argument("--csv", default="benchmarks/bench_linear.csv")
+    parser.add_argument("--csv", default=None,
+                        help="CSV to append to (default benchmarks/bench_linear.csv, "
+                             "or benchmarks/bench_linear_cuda.csv with --device cuda)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtypes", nargs="+", choices=list(CUDA_DTYPES), default=["bf16", "fp32"],
+                        help="--device cuda only")
+    parser.add_argument("--masks", nargs="+", choices=list(CUDA_MASKS), default=list(CUDA_MASKS),
+                        help="--device cuda only")
     args = parser.parse_args(argv)
+    if args.csv is None:
+        args.csv = "benchmarks/bench_linear_cuda.csv" if args.device == "cuda" else "benchmarks/bench_linear.csv"
+    if args.device == "cuda":
+        main_cuda(args)
+        return
     cases = args.cases or (["small", "wide"] if args.quick else list(CASES))
     gen = torch.Generator().manual_seed(0)
     stamp = f"{machine()}; torch {torch.__version__}; {datetime.date.today()}"
@@ -249,6 +266,179 @@ def main(argv=None) -> None:
                 writer.writerow(["linear", stamp, *row.values()])
             for g in grows:
                 writer.writerow(["grow", stamp, *g.values()])
+        print(f"\nrows appended to {args.csv}")
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+CUDA_CASE = (8192, 4096, 32000)  # (batch, in_features, live rows): an LM head's vocabulary
+CUDA_CAPACITY = 40000
+CUDA_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "tf32": torch.float32}
+# mask name -> (capacity, how the live rows lie). "fragmented" draws the live rows from the whole
+# capacity (80% density at 40000); "fragmented50" doubles the capacity for a 50% density.
+CUDA_MASKS = {
+    "prefix": (CUDA_CAPACITY, "prefix"),
+    "fragmented": (CUDA_CAPACITY, "fragmented"),
+    "fragmented50": (2 * CUDA_CASE[2], "fragmented"),
+}
+
+
+def cuda_timings(fns: dict, warmup: int, repeats: int) -> dict[str, Timing]:
+    """Each function timed with CUDA events, round-robin after `warmup` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    torch.cuda.synchronize()
+    events: dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {name: summarize([s.elapsed_time(e) / 1e3 for s, e in pairs]) for name, pairs in events.items()}
+
+
+def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((got.double() - exact).norm() / exact.norm()).item()
+
+
+def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen) -> dict:
+    batch, in_features, live = CUDA_CASE
+    capacity, layout = CUDA_MASKS[mask]
+    dtype, device = CUDA_DTYPES[dtype_name], torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
+    active = torch.arange(capacity) < live if layout == "prefix" else fragmented_mask(live, capacity, gen)
+    out_features = int(active.nonzero().max()) + 1
+    layer = growop.GrowLinear(in_features, out_features, capacity=capacity, device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.active.copy_(active)
+    live_rows = layer.active.nonzero().squeeze(1)
+    weight, bias = layer.weight, layer.bias
+    baseline = torch.nn.Linear(in_features, live, device=device, dtype=dtype)
+    with torch.no_grad():
+        baseline.weight.copy_(weight[live_rows])
+        baseline.bias.copy_(bias[live_rows])
+    x = torch.randn(batch, in_features, device=device, dtype=dtype)
+    grad_growop = torch.randn(batch, out_features, device=device, dtype=dtype)
+    grad_live = grad_growop[:, live_rows].contiguous()
+
+    with torch.no_grad():  # the same function as nn.Linear, and as accurate
+        exact = F.linear(x.double(), baseline.weight.double(), baseline.bias.double())
+        ours, theirs = layer(x)[:, live_rows], baseline(x)
+        err, torch_err = relative_error(ours, exact), relative_error(theirs, exact)
+        del exact, ours, theirs
+
+    def slice_forward():
+        if layout == "prefix":
+            return F.linear(x, weight[:live], bias[:live])
+        return F.linear(x, weight[live_rows], bias[live_rows])
+
+    def step(forward, grad, params):
+        def run():
+            forward().backward(grad)
+            for p in params:
+                p.grad = None
+        return run
+
+    with torch.no_grad():
+        forward = cuda_timings(
+            {"linear": lambda: baseline(x), "growop": lambda: layer(x), "slice": slice_forward}, warmup, repeats
+        )
+    params = [weight, bias]
+    both = cuda_timings(
+        {
+            "linear": step(lambda: baseline(x), grad_live, list(baseline.parameters())),
+            "growop": step(lambda: layer(x), grad_growop, params),
+            "slice": step(slice_forward, grad_live, params),
+        },
+        warmup,
+        repeats,
+    )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    flops = 2 * batch * in_features * live
+    base_fwd, base_both = forward["linear"].median, both["linear"].median
+    row = {
+        "dtype": dtype_name, "mask": mask, "batch": batch, "in": in_features, "live": live,
+        "capacity": capacity,
+        "fwd_linear_ms": base_fwd, "fwd_growop_ms": forward["growop"].median,
+        "fwd_growop_p20_ms": forward["growop"].p20, "fwd_growop_p80_ms": forward["growop"].p80,
+        "fwd_slice_ms": forward["slice"].median,
+        "fwd_ratio": forward["growop"].median / base_fwd,
+        "fb_linear_ms": base_both, "fb_growop_ms": both["growop"].median,
+        "fb_growop_p20_ms": both["growop"].p20, "fb_growop_p80_ms": both["growop"].p80,
+        "fb_slice_ms": both["slice"].median,
+        "fb_ratio": both["growop"].median / base_both,
+        "fwd_growop_tflops": flops / forward["growop"].median / 1e9,
+        "fwd_linear_tflops": flops / base_fwd / 1e9,
+        "fb_growop_tflops": 3 * flops / both["growop"].median / 1e9,
+        "rel_err": err, "torch_rel_err": torch_err,
+    }
+    del layer, baseline, x, grad_growop, grad_live
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench_cuda_grow(repeats: int) -> dict:
+    """grow(1) within capacity against a new nn.Linear with the rows copied, on the GPU,
+    host clock around each call with the device synchronised (what a training loop waits)."""
+    in_features, live = CUDA_CASE[1], CUDA_CASE[2]
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    layer = growop.GrowLinear(in_features, live, capacity=CUDA_CAPACITY, device=device, dtype=dtype)
+    linear = torch.nn.Linear(in_features, live, device=device, dtype=dtype)
+    layer.grow(1)
+    add_output_nodes(linear, 1)  # warm-up
+    grow_times, copy_times = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        layer.grow(1)
+        torch.cuda.synchronize()
+        grow_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        grown = add_output_nodes(linear, 1)
+        torch.cuda.synchronize()
+        copy_times.append(time.perf_counter() - start)
+        del grown
+    grow_ms, copy_ms = summarize(grow_times).median, summarize(copy_times).median
+    return {"capacity": CUDA_CAPACITY, "grow_ms": grow_ms, "copy_ms": copy_ms, "speedup": copy_ms / grow_ms}
+
+
+def main_cuda(args) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: CUDA is not available to this torch ({torch.__version__})")
+    gen = torch.Generator().manual_seed(0)
+    name = torch.cuda.get_device_name()
+    stamp = f"{name}; torch {torch.__version__}; CUDA {torch.version.cuda}; {datetime.date.today()}"
+    print(f"# {stamp}")
+    print(f"# (batch, in, live) = {CUDA_CASE}; x = growop / nn.Linear on the live rows (medians of "
+          f"{args.repeats or 10} CUDA-event timings); err x = growop's error / nn.Linear's, against float64")
+    header = (f"{'dtype':5} {'mask':12} {'cap':>6} {'fwd ms':>8} {'fwd x':>6} {'TFLOP/s':>8} "
+              f"{'f+b ms':>8} {'f+b x':>6} {'slice x':>7} {'err x':>6}")
+    print(header)
+    rows = []
+    for dtype_name in args.dtypes:
+        for mask in args.masks:
+            row = bench_cuda_case(dtype_name, mask, warmup=3, repeats=args.repeats or 10, gen=gen)
+            rows.append(row)
+            print(f"{dtype_name:5} {mask:12} {row['capacity']:6} {row['fwd_growop_ms']:8.2f} "
+                  f"{row['fwd_ratio']:6.2f} {row['fwd_growop_tflops']:8.0f} {row['fb_growop_ms']:8.2f} "
+                  f"{row['fb_ratio']:6.2f} {row['fb_slice_ms'] / row['fb_linear_ms']:7.2f} "
+                  f"{row['rel_err'] / row['torch_rel_err']:6.2f}", flush=True)
+    print(f"\ngrow(1) within capacity vs add_output_nodes on {name}, bf16, (in, rows) = "
+          f"({CUDA_CASE[1]}, {CUDA_CASE[2]})")
+    g = bench_cuda_grow(repeats=10)
+    print(f"{'cap':>7} {'grow ms':>9} {'copy ms':>9} {'speedup':>8}")
+    print(f"{g['capacity']:7} {g['grow_ms']:9.3f} {g['copy_ms']:9.2f} {g['speedup']:8.0f}", flush=True)
+    if args.csv:
+        with open(args.csv, "a", newline="") as f:
+            writer = csv.writer(f)
+            for row in rows:
+                writer.writerow(["linear-cuda", stamp, *row.values()])
+            writer.writerow(["grow-cuda", stamp, *g.values()])
         print(f"\nrows appended to {args.csv}")
 
 

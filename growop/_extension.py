@@ -4,16 +4,28 @@
 Without it (a source checkout on ``PYTHONPATH``, or an install that skipped the build), the
 same sources in ``csrc/`` are compiled once with :func:`torch.utils.cpp_extension.load`
 (ninja) into torch's extension cache and reused on later imports.
+
+The CUDA kernels (``csrc/cuda/``) are part of either build only when torch is a CUDA build and
+an ``nvcc`` of the same CUDA major version is found (:func:`builds_cuda`; ``GROWOP_BUILD_CUDA=0``
+or ``1`` overrides). They are compiled for ``TORCH_CUDA_ARCH_LIST``; unset, setup.py uses
+:data:`DEFAULT_CUDA_ARCHS`, and the JIT build the GPUs it sees, or the same default without one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import re
 import shutil
+import subprocess
+import warnings
 from pathlib import Path
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+# sm_80 and sm_90 machine code, and PTX that newer GPUs compile at load.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def cpu_sources() -> list[Path]:
@@ -21,10 +33,73 @@ def cpu_sources() -> list[Path]:
     return [_CSRC / "growop.cpp", *sorted((_CSRC / "cpu").glob("*.cpp"))]
 
 
+def cuda_sources() -> list[Path]:
+    """CUDA sources: the torch glue (``.cpp``) and the kernels (``.cu``)."""
+    cuda = _CSRC / "cuda"
+    return [*sorted(cuda.glob("*.cpp")), *sorted(cuda.glob("*.cu"))]
+
+
+def builds_cuda() -> bool:
+    """Whether a build here includes the CUDA kernels.
+
+    ``GROWOP_BUILD_CUDA=1`` or ``0`` decides. Otherwise: when torch is a CUDA build, ``nvcc``
+    is found (``torch.utils.cpp_extension.CUDA_HOME``) and its CUDA major version is torch's,
+    which torch requires to build an extension; a mismatch warns and builds for the CPU only.
+    """
+    choice = os.environ.get("GROWOP_BUILD_CUDA", "")
+    if choice in ("0", "1"):
+        return choice == "1"
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return False
+    nvcc = _nvcc_major(cpp_extension.CUDA_HOME)
+    torch_major = int(torch.version.cuda.split(".")[0])
+    if nvcc != torch_major:
+        warnings.warn(
+            f"growop: building without the CUDA kernels: torch is built for CUDA {torch.version.cuda} "
+            f"but the nvcc in {cpp_extension.CUDA_HOME} is CUDA {nvcc}. Point CUDA_HOME at a CUDA "
+            f"{torch_major} toolkit, or set GROWOP_BUILD_CUDA=0 to silence this.",
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+def _nvcc_major(cuda_home: str) -> int | None:
+    try:
+        version = subprocess.run(
+            [str(Path(cuda_home) / "bin" / "nvcc"), "--version"],
+            capture_output=True, text=True, timeout=120,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.", version)
+    return int(match.group(1)) if match else None
+
+
+@contextlib.contextmanager
+def _jit_cuda_archs():
+    """Without TORCH_CUDA_ARCH_LIST, torch builds for the GPUs it sees, or for every
+    architecture it knows when it sees none; this takes DEFAULT_CUDA_ARCHS for the latter."""
+    import torch
+
+    if "TORCH_CUDA_ARCH_LIST" in os.environ or torch.cuda.is_available():
+        yield
+        return
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+
+
 def _jit_build() -> None:
     from torch.utils import cpp_extension
 
-    sources = cpu_sources()
+    with_cuda = builds_cuda()
+    sources = cpu_sources() + (cuda_sources() if with_cuda else [])
     if not all(path.is_file() for path in sources):
         raise ImportError(
             "growop: the compiled extension growop._C is missing and the C++ sources are not "
@@ -38,13 +113,16 @@ def _jit_build() -> None:
             "found. Install one (e.g. apt-get install g++) or set CXX, or build ahead of time "
             "where a compiler exists: pip install --no-build-isolation ."
         )
-    cpp_extension.load(
-        name="growop_C",
-        sources=[str(path) for path in sources],
-        extra_cflags=["-O3"],
-        is_python_module=False,
-        verbose=os.environ.get("GROWOP_VERBOSE_BUILD") == "1",
-    )
+    with _jit_cuda_archs() if with_cuda else contextlib.nullcontext():
+        cpp_extension.load(
+            name="growop_C",
+            sources=[str(path) for path in sources],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3"] if with_cuda else None,
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=os.environ.get("GROWOP_VERBOSE_BUILD") == "1",
+        )
 
 
 def load() -> str:

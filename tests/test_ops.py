@@ -342,3 +342,20 @@ def test_results_are_not_views_so_in_place_ops_may_follow():
     assert all(g._base is None for g in grads)
     model = torch.nn.Sequential(growop.GrowLinear(4, 5), torch.nn.ReLU(inplace=True))
     model(torch.randn(3, 4)).sum().backward()
+
+
+def test_zero_width_and_zero_in_features():
+    weight = torch.randn(6, 4, requires_grad=True)
+    active = torch.ones(6, dtype=torch.bool)
+    x = torch.randn(3, 4, requires_grad=True)
+    ops.masked_linear(x, weight, None, active, 0).sum().backward()
+    assert torch.all(x.grad == 0) and torch.all(weight.grad == 0)
+    assert ops.masked_linear_backward_input(torch.randn(2, 5, 0), weight, active).shape == (2, 5, 4)
+    assert ops.masked_linear_backward_weight(torch.randn(2, 0), torch.randn(2, 4), active).shape == (6, 4)
+    empty_weight = torch.randn(6, 0, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    out = ops.masked_linear(torch.randn(3, 0), empty_weight, bias, active, 6)
+    torch.testing.assert_close(out, bias.detach().expand(3, 6))
+    out.sum().backward()
+    assert empty_weight.grad.shape == (6, 0)
+    torch.testing.assert_close(bias.grad, torch.full((6,), 3.0))

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -24,6 +26,8 @@
 
 namespace growop {
 namespace {
+
+using checks::with_last_dim;
 
 // A run this long is multiplied in place; shorter runs are gathered. Below
 // this length the per-GEMM overhead outweighs the copy a gather makes.
@@ -122,100 +126,10 @@ std::pair<at::Tensor, bool> gradient_buffer(
   return {at::empty({rows, row_size}, options), false};
 }
 
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 ||
-      t == at::kHalf;
-}
-
-void check_weight_and_mask(
-    const char* op,
-    const at::Tensor& weight,
-    const at::Tensor& active) {
-  TORCH_CHECK(
-      weight.dim() == 2,
-      op,
-      ": weight must be 2-D (capacity, in_features), got shape ",
-      weight.sizes());
-  TORCH_CHECK(
-      is_supported_dtype(weight.scalar_type()),
-      op,
-      ": weight must be float32, float64, bfloat16 or float16, got ",
-      weight.scalar_type());
-  TORCH_CHECK(
-      active.dim() == 1 && active.scalar_type() == at::kBool,
-      op,
-      ": active must be a 1-D bool tensor, got ",
-      active.scalar_type(),
-      " of shape ",
-      active.sizes());
-  TORCH_CHECK(
-      active.size(0) == weight.size(0),
-      op,
-      ": active has ",
-      active.size(0),
-      " entries but weight has ",
-      weight.size(0),
-      " rows (capacity); they must match");
-  TORCH_CHECK(
-      active.device() == weight.device(),
-      op,
-      ": active is on ",
-      active.device(),
-      " but weight is on ",
-      weight.device());
-}
-
-void check_same(
-    const char* op,
-    const char* name,
-    const at::Tensor& t,
-    const at::Tensor& weight) {
-  TORCH_CHECK(
-      t.scalar_type() == weight.scalar_type(),
-      op,
-      ": ",
-      name,
-      " has dtype ",
-      t.scalar_type(),
-      " but weight has dtype ",
-      weight.scalar_type(),
-      "; they must match");
-  TORCH_CHECK(
-      t.device() == weight.device(),
-      op,
-      ": ",
-      name,
-      " is on ",
-      t.device(),
-      " but weight is on ",
-      weight.device());
-}
-
-// Trailing dimension of grad_output is the output width; it must fit.
-int64_t check_grad_output(
-    const char* op,
-    const at::Tensor& grad_output,
-    const at::Tensor& weight) {
-  check_same(op, "grad_output", grad_output, weight);
-  TORCH_CHECK(
-      grad_output.dim() >= 1,
-      op,
-      ": grad_output must have at least 1 dimension");
-  const int64_t width = grad_output.size(-1);
-  TORCH_CHECK(
-      width <= weight.size(0),
-      op,
-      ": grad_output has ",
-      width,
-      " columns but the layer has capacity ",
-      weight.size(0));
-  return width;
-}
-
-std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
-  std::vector<int64_t> shape(sizes.begin(), sizes.end() - 1);
-  shape.push_back(last);
-  return shape;
+// (*, n) as a contiguous (rows, n) matrix; unlike reshape(-1, n) also for n == 0.
+at::Tensor as_matrix(const at::Tensor& t) {
+  const int64_t rows = c10::multiply_integers(t.sizes().slice(0, t.dim() - 1));
+  return t.reshape({rows, t.size(-1)}).contiguous();
 }
 
 // dst[i, :] = src[rows[i], :] for i < n (row-major, row length k), the rows
@@ -269,43 +183,13 @@ at::Tensor masked_linear_cpu(
     int64_t width,
     std::optional<double> mask_value) {
   constexpr const char* op = "growop.masked_linear";
-  check_weight_and_mask(op, weight, active);
-  check_same(op, "input", input, weight);
-  const int64_t capacity = weight.size(0);
-  const int64_t in_features = weight.size(1);
-  TORCH_CHECK(
-      input.dim() >= 1 && input.size(-1) == in_features,
-      op,
-      ": input of shape ",
-      input.sizes(),
-      " does not match weight of shape ",
-      weight.sizes(),
-      " (input's last dimension must be in_features = ",
-      in_features,
-      ")");
-  TORCH_CHECK(
-      width >= 0 && width <= capacity,
-      op,
-      ": width ",
-      width,
-      " must be in [0, capacity = ",
-      capacity,
-      "]");
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
-  at::Tensor bias;
-  if (has_bias) {
-    bias = bias_opt->contiguous();
-    check_same(op, "bias", bias, weight);
-    TORCH_CHECK(
-        bias.dim() == 1 && bias.size(0) == capacity,
-        op,
-        ": bias must have shape (",
-        capacity,
-        ",) to match weight, got ",
-        bias.sizes());
-  }
+  checks::check_forward(
+      op, input, weight, has_bias ? &*bias_opt : nullptr, active, width);
+  const int64_t in_features = weight.size(1);
+  const at::Tensor bias = has_bias ? bias_opt->contiguous() : at::Tensor();
 
-  const at::Tensor x = input.reshape({-1, in_features}).contiguous();
+  const at::Tensor x = as_matrix(input);
   const at::Tensor w = weight.contiguous();
   const at::Tensor live_mask = active.contiguous();
   const int64_t batch = x.size(0);
@@ -375,12 +259,12 @@ at::Tensor masked_linear_backward_input_cpu(
     const at::Tensor& weight,
     const at::Tensor& active) {
   constexpr const char* op = "growop.masked_linear_backward_input";
-  check_weight_and_mask(op, weight, active);
-  const int64_t width = check_grad_output(op, grad_output, weight);
+  const int64_t width =
+      checks::check_backward_input(op, grad_output, weight, active);
   const int64_t in_features = weight.size(1);
   const auto out_shape = with_last_dim(grad_output.sizes(), in_features);
 
-  const at::Tensor g = grad_output.reshape({-1, width}).contiguous();
+  const at::Tensor g = as_matrix(grad_output);
   const at::Tensor w = weight.contiguous();
   const at::Tensor live_mask = active.contiguous();
   const int64_t batch = g.size(0);
@@ -439,45 +323,13 @@ at::Tensor masked_linear_backward_weight_cpu(
     const at::Tensor& input,
     const at::Tensor& active) {
   constexpr const char* op = "growop.masked_linear_backward_weight";
-  TORCH_CHECK(
-      active.dim() == 1 && active.scalar_type() == at::kBool,
-      op,
-      ": active must be a 1-D bool tensor, got ",
-      active.scalar_type(),
-      " of shape ",
-      active.sizes());
-  TORCH_CHECK(
-      is_supported_dtype(input.scalar_type()),
-      op,
-      ": input must be float32, float64, bfloat16 or float16, got ",
-      input.scalar_type());
-  check_same(op, "grad_output", grad_output, input);
-  TORCH_CHECK(
-      active.device() == input.device(),
-      op,
-      ": active is on ",
-      active.device(),
-      " but input is on ",
-      input.device());
-  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension");
+  const int64_t width =
+      checks::check_backward_weight(op, grad_output, input, active);
   const int64_t capacity = active.size(0);
   const int64_t in_features = input.size(-1);
-  const int64_t width = grad_output.dim() >= 1 ? grad_output.size(-1) : -1;
-  TORCH_CHECK(
-      grad_output.dim() == input.dim() &&
-          grad_output.sizes().slice(0, input.dim() - 1) ==
-              input.sizes().slice(0, input.dim() - 1) &&
-          width <= capacity,
-      op,
-      ": grad_output of shape ",
-      grad_output.sizes(),
-      " does not match input of shape ",
-      input.sizes(),
-      " and capacity ",
-      capacity);
 
-  const at::Tensor g = grad_output.reshape({-1, width}).contiguous();
-  const at::Tensor x = input.reshape({-1, in_features}).contiguous();
+  const at::Tensor g = as_matrix(grad_output);
+  const at::Tensor x = as_matrix(input);
   const at::Tensor live_mask = active.contiguous();
   const int64_t batch = x.size(0);
   const LivePlan plan = plan_live_rows(
@@ -537,33 +389,7 @@ at::Tensor masked_linear_backward_bias_cpu(
     const at::Tensor& grad_output,
     const at::Tensor& active) {
   constexpr const char* op = "growop.masked_linear_backward_bias";
-  TORCH_CHECK(
-      active.dim() == 1 && active.scalar_type() == at::kBool,
-      op,
-      ": active must be a 1-D bool tensor, got ",
-      active.scalar_type(),
-      " of shape ",
-      active.sizes());
-  TORCH_CHECK(
-      is_supported_dtype(grad_output.scalar_type()),
-      op,
-      ": grad_output must be float32, float64, bfloat16 or float16, got ",
-      grad_output.scalar_type());
-  TORCH_CHECK(
-      grad_output.dim() >= 1 && grad_output.size(-1) <= active.size(0),
-      op,
-      ": grad_output of shape ",
-      grad_output.sizes(),
-      " has more columns than the capacity ",
-      active.size(0));
-  TORCH_CHECK(
-      active.device() == grad_output.device(),
-      op,
-      ": active is on ",
-      active.device(),
-      " but grad_output is on ",
-      grad_output.device());
-  const int64_t width = grad_output.size(-1);
+  const int64_t width = checks::check_backward_bias(op, grad_output, active);
   at::Tensor grad_bias = at::zeros({active.size(0)}, grad_output.options());
   if (width == 0 || grad_output.numel() == 0) {
     return grad_bias;

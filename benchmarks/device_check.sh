@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The GPU check of growop's CUDA path, in one run (under 8 minutes on one H100/H200):
+#
+#   1. machine: GPU, driver, torch and CUDA versions, nvcc;
+#   2. build: growop with its CUDA kernels, for this GPU's architecture only
+#      (pip install --no-build-isolation --no-deps -e .; no network needed), and a check
+#      that the CUDA kernels are registered and that the GEMMs run on tensor cores (HMMA);
+#   3. tests: every CUDA test (tests/test_ops_cuda.py and the CUDA parts of the other test
+#      files: pytest -k cuda), then compute-sanitizer memcheck over the odd-size and
+#      fragmented-mask tests where compute-sanitizer exists;
+#   4. benchmark: python benchmarks/bench_linear.py --device cuda;
+#   5. a summary table, last.
+#
+# Logs and the benchmark CSV go to $OUT (the device tool's folder) or to CHECK_OUT, else a
+# temporary folder. Exit status: 0 when every step passed; 1 when a step failed (the later
+# steps still run); 2 on a machine where torch sees no CUDA GPU, after running the one
+# check that needs none (tests/test_cuda_compile.py): the GPU steps are then NOT done.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+LOGS=${CHECK_OUT:-${OUT:-$(mktemp -d -t growop-device-check.XXXX)}}
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+# Every step after the build runs under a timeout that keeps the whole run inside 7.5 minutes.
+DEADLINE=$((START + ${CHECK_SECONDS:-450}))
+STATUS=0
+SUMMARY=()
+
+step() { echo; echo "=== $* [$(($(date +%s) - START)) s]"; }
+# Seconds for the next step: at most $1, and no later than the deadline.
+budget() {
+  local left=$((DEADLINE - $(date +%s)))
+  ((left < $1)) && echo $((left > 20 ? left : 20)) || echo "$1"
+}
+record() { SUMMARY+=("$(printf '%-10s %s' "$1" "$2")"); }
+
+step "machine"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader || true
+else
+  echo "nvidia-smi: not found"
+fi
+"$PY" - <<'EOF'
+import torch
+print(f"torch {torch.__version__}, built for CUDA {torch.version.cuda}, "
+      f"CUDA available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU 0: {p.name}, compute capability {p.major}.{p.minor}, "
+          f"{p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
+EOF
+if command -v nvcc >/dev/null; then nvcc --version | tail -2; else echo "nvcc: not found"; fi
+
+HAS_GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+if [[ "$HAS_GPU" != 1 ]]; then
+  echo
+  echo "NO CUDA GPU: torch $("$PY" -c 'import torch; print(torch.__version__)') sees no CUDA device."
+  echo "Only the check that needs no GPU runs here (tests/test_cuda_compile.py);"
+  echo "the build with CUDA kernels, the CUDA tests and the GPU benchmark are NOT done."
+  step "CUDA compile checks (no GPU needed)"
+  if "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_compile.py 2>&1 | tee "$LOGS/compile.log"; then
+    record compile "passed (nvcc, sm_80 + sm_90, no spills; host model)"
+  else
+    record compile "FAILED (see $LOGS/compile.log)"
+  fi
+  record gpu "none: GPU steps not run"
+  echo
+  echo "=== summary (no GPU) [$(($(date +%s) - START)) s]"
+  printf '%s\n' "${SUMMARY[@]}"
+  exit 2
+fi
+
+step "build growop with its CUDA kernels"
+ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+BUILD_START=$(date +%s)
+if "$PY" -m pip install --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1 &&
+  "$PY" - <<'EOF' 2>&1 | tee -a "$LOGS/build.log"
+import torch, growop
+assert growop.ops.BUILD == "prebuilt", growop.ops.BUILD
+assert torch._C._dispatch_has_kernel_for_dispatch_key("growop::masked_linear", "CUDA"), \
+    "growop was built without its CUDA kernels"
+print("growop", growop.__version__, "built with CUDA kernels:", growop._C.__file__)
+EOF
+then
+  BUILT=1
+  SO=$("$PY" -c "import growop._C as c; print(c.__file__)")
+  HMMA=$(cuobjdump -sass "$SO" 2>/dev/null | grep -c "HMMA" || true)
+  record build "ok in $(($(date +%s) - BUILD_START)) s for sm_${ARCH/./}; ${HMMA:-?} HMMA instructions in growop._C"
+else
+  BUILT=0
+  STATUS=1
+  tail -40 "$LOGS/build.log"
+  record build "FAILED (see $LOGS/build.log)"
+fi
+
+if [[ "$BUILT" == 1 ]]; then
+  step "CUDA tests"
+  # test_cuda_compile needs no GPU and runs in CI; -k cuda takes every other CUDA test.
+  if timeout "$(budget 150)" "$PY" -m pytest -q -rs -p no:cacheprovider tests -k cuda \
+      --ignore=tests/test_cuda_compile.py --junitxml="$LOGS/tests.xml" 2>&1 | tee "$LOGS/tests.log"; then
+    record tests "$(tail -1 "$LOGS/tests.log")"
+  else
+    STATUS=1
+    record tests "FAILED: $(tail -1 "$LOGS/tests.log")"
+  fi
+
+  step "compute-sanitizer memcheck"
+  if command -v compute-sanitizer >/dev/null; then
+    if timeout "$(budget 100)" compute-sanitizer --tool memcheck --error-exitcode 3 \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py \
+        -k "cuda and (odd_sizes or fragmented_and_empty or values_and_grads_match_reference and mixed)" \
+        >"$LOGS/memcheck.log" 2>&1; then
+      record memcheck "clean ($(grep -Eo '[0-9]+ passed' "$LOGS/memcheck.log" | tail -1))"
+    else
+      STATUS=1
+      grep -E "ERROR SUMMARY|Invalid|passed|failed" "$LOGS/memcheck.log" | tail -8 || true
+      record memcheck "FAILED (see $LOGS/memcheck.log)"
+    fi
+  else
+    record memcheck "skipped: compute-sanitizer not found"
+  fi
+
+  step "benchmark: bench_linear.py --device cuda"
+  if timeout "$(budget 240)" "$PY" benchmarks/bench_linear.py --device cuda --repeats 8 \
+      --csv "$LOGS/bench_linear_cuda.csv" \
+      2>&1 | tee "$LOGS/bench.log"; then
+    record bench "ok (CSV: $LOGS/bench_linear_cuda.csv)"
+  else
+    STATUS=1
+    record bench "FAILED (see $LOGS/bench.log)"
+  fi
+fi
+
+echo
+echo "=== summary [$(($(date +%s) - START)) s]"
+"$PY" -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
+printf '%s\n' "${SUMMARY[@]}"
+if [[ -s "$LOGS/bench.log" ]]; then
+  echo
+  grep -E "^(dtype|bf16|fp32|tf32) " "$LOGS/bench.log" || true
+  grep -A2 -E "^ +cap +grow ms" "$LOGS/bench.log" || true
+fi
+exit "$STATUS"
