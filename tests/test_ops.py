@@ -28,6 +28,8 @@ def make_mask(kind: str, capacity: int, generator: torch.Generator) -> torch.Ten
         active[: capacity * 2 // 3] = True
     elif kind == "random":  # short runs only: every live row is gathered
         active = torch.rand(capacity, generator=generator) < 0.5
+    elif kind == "dense":  # short runs, dense enough for whole-span weight gradients
+        active = torch.rand(capacity, generator=generator) < 0.9
     elif kind == "mixed":  # long runs used in place plus fragments, several gather chunks
         active[:100] = True
         active[150:650] = torch.rand(500, generator=generator) < 0.6
@@ -39,7 +41,7 @@ def make_mask(kind: str, capacity: int, generator: torch.Generator) -> torch.Ten
     return active
 
 
-CAPACITY = {"all": 90, "prefix": 90, "random": 300, "mixed": 900, "single": 90, "none": 90}
+CAPACITY = {"all": 90, "prefix": 90, "random": 300, "dense": 300, "mixed": 900, "single": 90, "none": 90}
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
@@ -71,7 +73,7 @@ def run_both(x, weight, bias, active, width, mask_value=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("kind", ["all", "prefix", "random", "mixed", "single", "none"])
+@pytest.mark.parametrize("kind", ["all", "prefix", "random", "dense", "mixed", "single", "none"])
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
 def test_values_and_grads_match_reference(dtype, kind, has_bias):
     gen = torch.Generator().manual_seed(0)
@@ -97,7 +99,7 @@ def test_values_and_grads_match_reference(dtype, kind, has_bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("kind", ["prefix", "mixed"])
+@pytest.mark.parametrize("kind", ["prefix", "dense", "mixed"])
 def test_large_weight_gradient(dtype, kind):
     """Gradients over 1 MiB come from fresh zero pages; rows not live must still read zero."""
     gen = torch.Generator().manual_seed(6)
@@ -184,11 +186,11 @@ def test_custom_mask_value_and_cross_entropy_stays_finite():
     assert torch.softmax(logits, -1)[:, ~active].max() == 0
 
 
-@pytest.mark.parametrize("kind", ["prefix", "random", "mixed"])
+@pytest.mark.parametrize("kind", ["prefix", "random", "dense", "mixed"])
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
 def test_gradcheck_float64(kind, has_bias):
     gen = torch.Generator().manual_seed(3)
-    capacity = {"prefix": 9, "random": 11, "mixed": 900}[kind]
+    capacity = {"prefix": 9, "random": 11, "dense": 40, "mixed": 900}[kind]
     in_features, batch = (3, 2) if kind == "mixed" else (4, 3)
     active = make_mask(kind, capacity, gen)
     x = torch.randn(batch, in_features, dtype=torch.float64, generator=gen, requires_grad=True)

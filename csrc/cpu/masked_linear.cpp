@@ -37,6 +37,11 @@ constexpr int64_t kMinDirectRun = 64;
 // the GEMM that reads it.
 constexpr int64_t kGatherBlockBytes = int64_t{4} << 20;
 
+// A gathered chunk of the weight gradient is computed over its whole span of
+// rows when at least this share of the span is its own (see the backward).
+constexpr int64_t kSpanDensityNum = 3;
+constexpr int64_t kSpanDensityDen = 4;
+
 int64_t gather_chunk_rows(int64_t in_features, int64_t element_size) {
   const int64_t row_bytes = std::max<int64_t>(1, in_features * element_size);
   return std::clamp<int64_t>(kGatherBlockBytes / row_bytes, 16, 2048);
@@ -360,9 +365,12 @@ at::Tensor masked_linear_backward_weight_cpu(
         if (plan.gathered.empty()) {
           return;
         }
-        // The chunk's gradient columns, gathered row by row (batch x chunk),
-        // transposed into the GEMM give its weight-gradient rows, which are
-        // then copied to their places.
+        // A chunk whose rows are dense within their span (the rows from its
+        // first to its last) is computed over the whole span, straight into
+        // place, and the span's dead rows zeroed after: a few wasted products
+        // beat a copy of every row. A sparse chunk's gradient columns are
+        // gathered row by row (batch x chunk) and, transposed into the GEMM,
+        // give its weight-gradient rows, which are then copied to their places.
         at::Tensor cols_buf = at::empty({batch, plan.chunk}, x.options());
         at::Tensor rows_buf = at::empty({plan.chunk, in_features}, x.options());
         const scalar_t* gp = g.const_data_ptr<scalar_t>();
@@ -371,6 +379,20 @@ at::Tensor masked_linear_backward_weight_cpu(
         for (int64_t c = 0; c < plan.num_chunks(); ++c) {
           const int64_t n = plan.chunk_rows(c);
           const int64_t* rows = plan.chunk_begin(c);
+          const int64_t first = rows[0];
+          const int64_t span = rows[n - 1] - first + 1;
+          if (n * kSpanDensityDen >= span * kSpanDensityNum) {
+            at::Tensor block = grad_weight.narrow(0, first, span);
+            at::mm_out(block, g.narrow(1, first, span).t(), x);
+            at::parallel_for(first, first + span, 64, [&](int64_t r0, int64_t r1) {
+              for (int64_t r = r0; r < r1; ++r) {
+                if (!live[r]) {
+                  std::memset(gw + r * in_features, 0, in_features * sizeof(scalar_t));
+                }
+              }
+            });
+            continue;
+          }
           gather_columns(gp, width, rows, n, batch, cb, plan.chunk);
           at::Tensor block = rows_buf.narrow(0, 0, n);
           at::mm_out(block, cols_buf.narrow(1, 0, n).t(), x);
