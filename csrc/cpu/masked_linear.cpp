@@ -101,26 +101,20 @@ LivePlan plan_live_rows(
 // The weight gradient has all `capacity` rows, and the ones that are not live
 // must read as zero. Fresh anonymous pages from the kernel read as zero until
 // written, so when the gradient is mapped that way the dead rows cost nothing:
-// no write, no page fault. The trade: those pages are never warm, so the live
-// rows are faulted in on every step. The allocator maps buffers of 32 MiB and
-// more afresh on every allocation anyway (glibc's largest mmap threshold), so
-// there fresh pages always win; below that it may hand back warm memory, and
-// fresh pages win only when at least half the rows are dead. Measured in
-// benchmarks/bench_linear.py.
-constexpr int64_t kZeroPagesMinBytes = int64_t{1} << 20;
-constexpr int64_t kAlwaysFreshBytes = int64_t{32} << 20;
+// no write, no page fault. Buffers this large the allocator maps afresh on every
+// allocation anyway (glibc's largest mmap threshold), page-faulting every row
+// in; smaller ones it may hand back warm, where zeroing the dead rows is cheaper
+// than faulting the live ones in. Measured in benchmarks/bench_linear.py.
+constexpr int64_t kFreshPagesMinBytes = int64_t{32} << 20;
 
-// A (rows x row_size) buffer for a gradient with `dead_rows` rows that must be
-// zero: uninitialised, or (second == true) already all zeros.
+// A (rows x row_size) buffer: uninitialised, or (second == true) all zeros.
 std::pair<at::Tensor, bool> gradient_buffer(
     int64_t rows,
     int64_t row_size,
-    int64_t dead_rows,
     const at::TensorOptions& options) {
   const int64_t bytes = rows * row_size * static_cast<int64_t>(options.dtype().itemsize());
 #if defined(MAP_ANONYMOUS)
-  const bool fresh_pages_win = bytes >= kAlwaysFreshBytes || 2 * dead_rows >= rows;
-  if (bytes >= kZeroPagesMinBytes && fresh_pages_win) {
+  if (bytes >= kFreshPagesMinBytes) {
     void* pages = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (pages != MAP_FAILED) {
       auto unmap = [bytes](void* ptr) { munmap(ptr, bytes); };
@@ -344,7 +338,7 @@ at::Tensor masked_linear_backward_weight_cpu(
   }
 
   auto [grad_weight, zeroed] =
-      gradient_buffer(capacity, in_features, capacity - plan.num_live, x.options());
+      gradient_buffer(capacity, in_features, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "masked_linear_backward_weight_cpu", [&] {
         scalar_t* gw = grad_weight.data_ptr<scalar_t>();
