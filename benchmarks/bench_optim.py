@@ -38,7 +38,7 @@ def layer_with_young_rows(young: int, optimizer_cls) -> tuple[growop.GrowLinear,
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
           f"torch {torch.__version__}; {datetime.date.today()}")
@@ -54,8 +54,12 @@ def main(argv=None) -> None:
             layer, optimizer = layer_with_young_rows(young, optimizer_cls)
             cases[young] = optimizer.step
         samples = {name: [] for name in cases}
+        names = list(cases)
         for round_ in range(args.repeats + 1):
-            for name, step in cases.items():
+            # A different order each round, so no case always follows the same one.
+            order = names[round_ % len(names):] + names[: round_ % len(names)]
+            for name in order:
+                step = cases[name]
                 start = time.perf_counter()
                 step()
                 if round_:
