@@ -84,6 +84,30 @@ def interleaved(fns: dict, repeats: int) -> dict[str, Timing]:
     return {name: summarize(s) for name, s in samples.items()}
 
 
+def plain_slice_forward(x, weight, bias, live_rows, prefix: bool):
+    """The approach without growop's kernels: F.linear on the live rows of the Parameter."""
+    live = live_rows.numel()
+
+    def forward():
+        if prefix:
+            return F.linear(x, weight[:live], bias[:live])
+        return F.linear(x, weight[live_rows], bias[live_rows])
+
+    return forward
+
+
+def training_step(forward, grad, params):
+    """Forward, backward, then the gradients freed: each provider frees its own inside its
+    own timing, as zero_grad() does in training, since freeing a large gradient is not free."""
+
+    def run():
+        forward().backward(grad)
+        for p in params:
+            p.grad = None
+
+    return run
+
+
 def fragmented_mask(live: int, capacity: int, generator: torch.Generator) -> torch.Tensor:
     span = min(2 * live, capacity)
     rows = torch.randperm(span, generator=generator)[:live]
@@ -118,19 +142,8 @@ def bench_case(name: str, factor: float, mask: str, repeats: int, gen) -> dict:
     grad_live = torch.randn(batch, live, generator=gen)
     prefix = mask == "prefix"
 
-    def slice_forward():
-        if prefix:
-            return F.linear(x, weight[:live], bias[:live])
-        return F.linear(x, weight[live_rows], bias[live_rows])
-
-    def step(forward, grad, params):
-        # Each provider frees its own gradients inside its own timing, as
-        # zero_grad() does in training: freeing a large gradient is not free.
-        def run():
-            forward().backward(grad)
-            for p in params:
-                p.grad = None
-        return run
+    slice_forward = plain_slice_forward(x, weight, bias, live_rows, prefix)
+    step = training_step
 
     with torch.no_grad():
         forward = interleaved(
@@ -331,17 +344,8 @@ def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen) 
         err, torch_err = relative_error(ours, exact), relative_error(theirs, exact)
         del exact, ours, theirs
 
-    def slice_forward():
-        if layout == "prefix":
-            return F.linear(x, weight[:live], bias[:live])
-        return F.linear(x, weight[live_rows], bias[live_rows])
-
-    def step(forward, grad, params):
-        def run():
-            forward().backward(grad)
-            for p in params:
-                p.grad = None
-        return run
+    slice_forward = plain_slice_forward(x, weight, bias, live_rows, layout == "prefix")
+    step = training_step
 
     with torch.no_grad():
         forward = cuda_timings(

@@ -127,12 +127,12 @@ class GrowLinear(nn.Module):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        in_features = _non_negative_int(in_features, "in_features")
-        out_features = _non_negative_int(out_features, "out_features")
+        in_features = _checked_int(in_features, "GrowLinear: in_features", 0)
+        out_features = _checked_int(out_features, "GrowLinear: out_features", 0)
         capacity = (
             default_capacity(out_features)
             if capacity is None
-            else _non_negative_int(capacity, "capacity")
+            else _checked_int(capacity, "GrowLinear: capacity", 0)
         )
         if capacity < out_features:
             raise ValueError(
@@ -266,7 +266,7 @@ class GrowLinear(nn.Module):
 
         After an error nothing has changed.
         """
-        k = _positive_int(k, "grow: k")
+        k = _checked_int(k, "grow: k", 1)
         _check_optimizer_holds(optimizer, self)
         start = self.out_features
         stop = start + k
@@ -664,27 +664,16 @@ def _check_optimizer_holds(optimizer, layer: GrowLinear) -> None:
         raise ValueError("the optimizer given does not hold this GrowLinear's parameters")
 
 
-def _non_negative_int(value: Any, name: str) -> int:
+def _checked_int(value: Any, what: str, minimum: int) -> int:
+    """``value`` as an int ``>= minimum``; ``what`` names it in the error."""
     if isinstance(value, bool):
-        raise TypeError(f"GrowLinear: {name} must be an int, got {value!r}")
+        raise TypeError(f"{what} must be an int >= {minimum}, got {value!r}")
     try:
         value = operator.index(value)
     except TypeError:
-        raise TypeError(f"GrowLinear: {name} must be an int, got {value!r}") from None
-    if value < 0:
-        raise ValueError(f"GrowLinear: {name} must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise TypeError(f"{what} must be an int >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
     return value
 
 
