@@ -343,14 +343,19 @@ at::Tensor masked_linear_backward_weight_cpu(
       at::kBFloat16, at::kHalf, x.scalar_type(), "masked_linear_backward_weight_cpu", [&] {
         scalar_t* gw = grad_weight.data_ptr<scalar_t>();
         const bool* live = live_mask.data_ptr<bool>();
-        // Rows that are not live get exact zeros; each is written once.
-        at::parallel_for(0, zeroed ? 0 : capacity, 64, [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            if (r >= width || !live[r]) {
-              std::memset(gw + r * in_features, 0, in_features * sizeof(scalar_t));
+        // Rows that are not live get exact zeros.
+        const auto zero_dead_rows = [&](int64_t begin, int64_t end) {
+          at::parallel_for(begin, end, 64, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+              if (r >= width || !live[r]) {
+                std::memset(gw + r * in_features, 0, in_features * sizeof(scalar_t));
+              }
             }
-          }
-        });
+          });
+        };
+        if (!zeroed) {
+          zero_dead_rows(0, capacity);
+        }
 
         for (const auto& [begin, end] : plan.runs) {
           at::Tensor rows = grad_weight.narrow(0, begin, end - begin);
@@ -378,13 +383,7 @@ at::Tensor masked_linear_backward_weight_cpu(
           if (n * kSpanDensityDen >= span * kSpanDensityNum) {
             at::Tensor block = grad_weight.narrow(0, first, span);
             at::mm_out(block, g.narrow(1, first, span).t(), x);
-            at::parallel_for(first, first + span, 64, [&](int64_t r0, int64_t r1) {
-              for (int64_t r = r0; r < r1; ++r) {
-                if (!live[r]) {
-                  std::memset(gw + r * in_features, 0, in_features * sizeof(scalar_t));
-                }
-              }
-            });
+            zero_dead_rows(first, first + span);
             continue;
           }
           gather_columns(gp, width, rows, n, batch, cb, plan.chunk);
