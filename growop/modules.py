@@ -43,10 +43,7 @@ def _check_optimizer_state_sizes(optimizer, args, kwargs) -> None:
     if not _resized_without_optimizer:
         return
     for param in list(_resized_without_optimizer.values()):
-        state = optimizer.state.get(param) if param in optimizer.state else None
-        if not state:
-            continue
-        for name, value in state.items():
+        for name, value in optim.param_state(optimizer, param).items():
             if _is_row_state(value, param) and value.shape[0] != param.shape[0]:
                 raise RuntimeError(
                     f"growop: {type(optimizer).__name__} holds state '{name}' of shape "
@@ -164,7 +161,6 @@ class GrowLinear(nn.Module):
             "_init_seed", torch.zeros((), dtype=torch.int64, device=device), persistent=False
         )
         self.reset_parameters()
-        optim.register_layer(self)
 
     # ------------------------------------------------------------------ basics
 
@@ -327,8 +323,8 @@ class GrowLinear(nn.Module):
         """
         _check_optimizer_holds(optimizer, self)
         for param in self._params():
-            state = optimizer.state.get(param) if param in optimizer.state else None
-            for name, value in (state or {}).items():
+            state = optim.param_state(optimizer, param)
+            for name, value in list(state.items()):
                 if _is_row_state(value, param) and value.shape[0] != param.shape[0]:
                     resized = value.new_zeros(param.shape)
                     rows = min(value.shape[0], param.shape[0])
@@ -581,8 +577,7 @@ class GrowLinear(nn.Module):
     def _reset_optimizer_rows(self, optimizer: torch.optim.Optimizer, rows) -> None:
         with torch.no_grad():
             for param in self._params():
-                state = optimizer.state.get(param) if param in optimizer.state else None
-                for value in (state or {}).values():
+                for value in optim.param_state(optimizer, param).values():
                     if _is_row_state(value, param) and value.shape[0] == param.shape[0]:
                         distributed.zero_rows_(value, rows)
 

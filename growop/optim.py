@@ -52,10 +52,15 @@ def row_step_correction(enabled: bool) -> Iterator[None]:
         _enabled = previous
 
 
+def param_state(optimizer: torch.optim.Optimizer, param: Tensor) -> dict:
+    """``optimizer``'s state for ``param``, empty if it has none (without adding an entry to
+    the optimizer's defaultdict, as indexing would)."""
+    return optimizer.state[param] if param in optimizer.state else {}
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, param: Tensor) -> int:
     """The step count ``optimizer`` holds for ``param`` (0 before its first step)."""
-    state = optimizer.state.get(param) if param in optimizer.state else None
-    step = (state or {}).get("step", 0)
+    step = param_state(optimizer, param).get("step", 0)
     return int(step.item() if isinstance(step, Tensor) else step)
 
 
@@ -69,7 +74,6 @@ def start_rows(layer, rows: Tensor, optimizer: torch.optim.Optimizer) -> None:
 
 def track(layer) -> None:
     """Watches ``layer``'s rows that started after step 0 (after a grow or a load)."""
-    register_layer(layer)
     young = (layer.row_start_step > 0).nonzero().squeeze(1)
     layer._young_rows = young
     if young.numel():
@@ -143,27 +147,29 @@ def _before_step(optimizer, args, kwargs) -> None:
                 continue
             rows = rows.to(param.device)
             values = param.detach().index_select(0, rows)
-            _pending.setdefault(optimizer, {})[id(param)] = (param, group, rows, values, step)
+            _pending.setdefault(optimizer, {})[id(param)] = (layer, param, group, rows, values, step)
 
 
 def _after_step(optimizer, args, kwargs) -> None:
     pending = _pending.pop(optimizer, None)
     if pending:
         with torch.no_grad():
-            for param, group, rows, before, step_before in pending.values():
+            for layer, param, group, rows, before, step_before in pending.values():
                 step = optimizer_step(optimizer, param)
                 if step == step_before:  # the optimizer skipped this parameter
                     continue
-                _redo_rows(optimizer, param, group, rows, before, step)
+                _redo_rows(optimizer, layer.row_start_step, param, group, rows, before, step)
     for layer in list(_young_layers.values()):
         _forget_old_rows(layer, optimizer)
 
 
-def _redo_rows(optimizer, param: Tensor, group: dict, rows: Tensor, before: Tensor, step: int) -> None:
-    """The rows' update again, from their pre-step values, with per-row step counts."""
+def _redo_rows(
+    optimizer, starts: Tensor, param: Tensor, group: dict, rows: Tensor, before: Tensor, step: int
+) -> None:
+    """The rows' update again, from their pre-step values, with per-row step counts
+    (``step`` minus the rows' entries in ``starts``, the layer's ``row_start_step``)."""
     state = optimizer.state[param]
-    layer_starts = _starts_for(param)
-    ages = (step - layer_starts.index_select(0, rows.to(layer_starts.device))).to(param.device)
+    ages = (step - starts.index_select(0, rows.to(starts.device))).to(param.device)
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps, weight_decay = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
     decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
@@ -181,19 +187,6 @@ def _redo_rows(optimizer, param: Tensor, group: dict, rows: Tensor, before: Tens
     update = state["exp_avg"].index_select(0, rows) / denom
     values.sub_(update.mul_(lr / bias_correction1))
     param.index_copy_(0, rows, values)
-
-
-# Each Parameter's layer, so a step on the parameter finds the layer's start steps.
-_layer_of_param: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def register_layer(layer) -> None:
-    for param in layer._params():
-        _layer_of_param[id(param)] = layer
-
-
-def _starts_for(param: Tensor) -> Tensor:
-    return _layer_of_param[id(param)].row_start_step
 
 
 def _forget_old_rows(layer, optimizer) -> None:
