@@ -108,6 +108,22 @@ def training_step(forward, grad, params):
     return run
 
 
+def provider_timings(timer, baseline, layer, x, slice_forward, grad_live, grad_growop):
+    """Forward alone (no autograd), then forward+backward, of the three providers, each
+    timed by ``timer`` (a dict of functions -> a dict of Timings)."""
+    with torch.no_grad():
+        forward = timer({"linear": lambda: baseline(x), "growop": lambda: layer(x), "slice": slice_forward})
+    params = [layer.weight, layer.bias]
+    both = timer(
+        {
+            "linear": training_step(lambda: baseline(x), grad_live, list(baseline.parameters())),
+            "growop": training_step(lambda: layer(x), grad_growop, params),
+            "slice": training_step(slice_forward, grad_live, params),
+        }
+    )
+    return forward, both
+
+
 def fragmented_mask(live: int, capacity: int, generator: torch.Generator) -> torch.Tensor:
     span = min(2 * live, capacity)
     rows = torch.randperm(span, generator=generator)[:live]
@@ -143,21 +159,8 @@ def bench_case(name: str, factor: float, mask: str, repeats: int, gen) -> dict:
     prefix = mask == "prefix"
 
     slice_forward = plain_slice_forward(x, weight, bias, live_rows, prefix)
-    step = training_step
-
-    with torch.no_grad():
-        forward = interleaved(
-            {"linear": lambda: baseline(x), "growop": lambda: layer(x), "slice": slice_forward},
-            repeats,
-        )
-    params = [weight, bias]
-    both = interleaved(
-        {
-            "linear": step(lambda: baseline(x), grad_live, list(baseline.parameters())),
-            "growop": step(lambda: layer(x), grad_growop, params),
-            "slice": step(slice_forward, grad_live, params),
-        },
-        repeats,
+    forward, both = provider_timings(
+        lambda fns: interleaved(fns, repeats), baseline, layer, x, slice_forward, grad_live, grad_growop
     )
     dead_rows = capacity - live
     warm = torch.zeros(dead_rows, in_features)
@@ -345,21 +348,9 @@ def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen) 
         del exact, ours, theirs
 
     slice_forward = plain_slice_forward(x, weight, bias, live_rows, layout == "prefix")
-    step = training_step
-
-    with torch.no_grad():
-        forward = cuda_timings(
-            {"linear": lambda: baseline(x), "growop": lambda: layer(x), "slice": slice_forward}, warmup, repeats
-        )
-    params = [weight, bias]
-    both = cuda_timings(
-        {
-            "linear": step(lambda: baseline(x), grad_live, list(baseline.parameters())),
-            "growop": step(lambda: layer(x), grad_growop, params),
-            "slice": step(slice_forward, grad_live, params),
-        },
-        warmup,
-        repeats,
+    forward, both = provider_timings(
+        lambda fns: cuda_timings(fns, warmup, repeats),
+        baseline, layer, x, slice_forward, grad_live, grad_growop,
     )
     torch.backends.cuda.matmul.allow_tf32 = False
     flops = 2 * batch * in_features * live
