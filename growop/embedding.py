@@ -1,0 +1,250 @@
+"""``GrowEmbedding``: a drop-in ``nn.Embedding`` whose vocabulary can be added while it trains."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parameter import Parameter
+
+from growop.rows import GrowRows, checked_int, default_capacity
+
+
+class GrowEmbedding(GrowRows, nn.Embedding):
+    r"""``nn.Embedding`` with over-provisioned rows, so tokens can be added in place.
+
+    ``capacity`` rows of weight are allocated once; the bool buffer ``active`` says which
+    are live. :meth:`grow` makes the next rows live: within capacity it allocates no new
+    storage, and the Parameter, its ``data_ptr()``, the optimizer's state and DDP's buckets
+    stay valid. Rows, their mask, growing, reallocation and checkpoints are
+    :class:`growop.rows.GrowRows`'; this class adds the lookup.
+
+    A lookup never reads a row that is not live: an id ``>= num_embeddings``, negative, or
+    of a deactivated row raises ``IndexError`` on the CPU, as ``nn.Embedding`` does for an
+    id out of range (on CUDA and under ``torch.compile`` it is a device-side assertion, as
+    for ``nn.Embedding``, so the lookup never waits for the device).
+
+    An output head can share this layer's rows: ``growop.tie(embedding, head)`` makes a
+    :class:`GrowLinear`'s weight this layer's Parameter (a tied language-model head) and
+    ``growop.grow_together(embedding, head)`` gives an untied head the same mask; either
+    way one ``grow`` on any of them grows both.
+
+    Args:
+        num_embeddings: tokens in use at the start (all live).
+        embedding_dim: size of each embedding vector.
+        padding_idx: as ``nn.Embedding``: that row starts at zero and gets no gradient.
+            Must be ``< num_embeddings`` (negative counts from ``num_embeddings``).
+        capacity: rows allocated; default :func:`growop.default_capacity` (25% headroom, at
+            least 8 rows). Must be ``>= num_embeddings``.
+        device, dtype: as ``nn.Embedding``.
+
+    ``max_norm``, ``norm_type`` and ``scale_grad_by_freq`` (set as attributes or carried
+    over by :meth:`from_embedding`) behave as in ``nn.Embedding``; ``max_norm`` renormalises
+    only the rows looked up, which are live. ``sparse=True`` is not supported and raises.
+
+    Attributes:
+        weight: ``(capacity, embedding_dim)`` Parameter.
+        active: bool buffer ``(capacity,)``; rows ``>= num_embeddings`` are never live.
+        num_embeddings: token slots in use; grows with :meth:`grow`. Ids below it are valid
+            unless deactivated.
+        capacity: rows allocated.
+
+    Shape:
+        - Input: ``(*)``, integer ids.
+        - Output: ``(*, embedding_dim)``.
+    """
+
+    _used_attr = "num_embeddings"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        *,
+        capacity: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        nn.Module.__init__(self)  # not nn.Embedding.__init__: it allocates num_embeddings rows
+        num_embeddings = checked_int(num_embeddings, "GrowEmbedding: num_embeddings", 0)
+        embedding_dim = checked_int(embedding_dim, "GrowEmbedding: embedding_dim", 0)
+        capacity = (
+            default_capacity(num_embeddings)
+            if capacity is None
+            else checked_int(capacity, "GrowEmbedding: capacity", 0)
+        )
+        if capacity < num_embeddings:
+            raise ValueError(
+                f"GrowEmbedding: capacity ({capacity}) must be >= num_embeddings ({num_embeddings})"
+            )
+        if padding_idx is not None:
+            padding_idx = checked_int(padding_idx, "GrowEmbedding: padding_idx", -num_embeddings)
+            if padding_idx < 0:
+                padding_idx += num_embeddings
+            if padding_idx >= num_embeddings:
+                raise ValueError(
+                    f"GrowEmbedding: padding_idx ({padding_idx}) must be < num_embeddings "
+                    f"({num_embeddings})"
+                )
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.max_norm = None
+        self.norm_type = 2.0
+        self.scale_grad_by_freq = False
+        self.sparse = False
+        self.weight = Parameter(torch.empty((capacity, embedding_dim), **factory_kwargs))
+        self._init_rows(num_embeddings, capacity, device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Leaves the layer as its constructor would: every row drawn as ``nn.Embedding``
+        draws it (``N(0, 1)``, the padding row zero), every slot in use live, and a new seed
+        for ``grow(init="default")`` rows."""
+        nn.init.normal_(self.weight)
+        self._fill_padding_idx_with_zero()
+        self._reset_rows()
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.sparse:
+            raise RuntimeError(
+                "GrowEmbedding does not support sparse=True: its gradient would be a sparse "
+                "(capacity, embedding_dim) tensor that growop's optimizer handling does not "
+                "cover. Use a dense gradient (sparse=False)."
+            )
+        self._check_ids(input)
+        return F.embedding(
+            input,
+            self.weight,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            False,
+        )
+
+    def extra_repr(self) -> str:
+        text = f"{self.num_embeddings}, {self.embedding_dim}, capacity={self.capacity}"
+        if self.padding_idx is not None:
+            text += f", padding_idx={self.padding_idx}"
+        if self.max_norm is not None:
+            text += f", max_norm={self.max_norm}"
+        if self.norm_type != 2:
+            text += f", norm_type={self.norm_type}"
+        if self.scale_grad_by_freq:
+            text += ", scale_grad_by_freq=True"
+        return text
+
+    # ------------------------------------------------------------------ conversion
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, capacity: int | None = None) -> GrowEmbedding:
+        """A ``GrowEmbedding`` with ``embedding``'s rows, all live, on its device and dtype."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
+        if embedding.sparse:
+            raise ValueError(
+                "from_embedding: the embedding has sparse=True, which GrowEmbedding does not "
+                "support (see GrowEmbedding); set embedding.sparse = False first"
+            )
+        weight = embedding.weight
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            embedding.padding_idx,
+            capacity=capacity,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        layer.max_norm = embedding.max_norm
+        layer.norm_type = embedding.norm_type
+        layer.scale_grad_by_freq = embedding.scale_grad_by_freq
+        with torch.no_grad():
+            layer.weight[: embedding.num_embeddings].copy_(weight)
+        layer.weight.requires_grad_(weight.requires_grad)
+        return layer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        embeddings: Tensor,
+        freeze: bool = True,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+        *,
+        capacity: int | None = None,
+    ) -> GrowEmbedding:
+        """``nn.Embedding.from_pretrained`` with a ``capacity``: ``embeddings`` are the live rows."""
+        plain = nn.Embedding.from_pretrained(
+            embeddings, freeze, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse
+        )
+        return cls.from_embedding(plain, capacity)
+
+    def to_embedding(self) -> nn.Embedding:
+        """A plain ``nn.Embedding`` of the ``num_embeddings`` rows in use, for export.
+
+        Deactivated rows are copied as they are: a plain embedding cannot refuse to look
+        them up.
+        """
+        weight = self.weight.detach()
+        embedding = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            embedding.weight.copy_(weight[: self.num_embeddings])
+        embedding.weight.requires_grad_(self.weight.requires_grad)
+        return embedding
+
+    # ------------------------------------------------------------------ rows
+
+    def _row_params(self) -> dict[str, Tensor | None]:
+        return {"weight": self.weight}
+
+    def _draw_rows(self, rows: dict[str, Tensor], generator: torch.Generator | None) -> None:
+        nn.init.normal_(rows["weight"], generator=generator)
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_ids(self, input: Tensor) -> None:
+        """Raises unless every id is live, before any row is read."""
+        if input.is_floating_point() or input.is_complex() or input.dtype == torch.bool:
+            return  # F.embedding gives its own error for non-integer ids
+        used = self.num_embeddings
+        all_live = self._live_count == used
+        if input.device.type != "cpu" or torch.compiler.is_compiling():
+            # No host synchronisation: a device-side assertion, as nn.Embedding's.
+            ok = (input >= 0) & (input < used)
+            if not all_live:
+                ok &= self.active[input.clamp(0, self.capacity - 1)]
+            torch._assert_async(ok.all(), "GrowEmbedding: an id is out of range or not live")
+            return
+        if input.numel() == 0:
+            return
+        low, high = torch.aminmax(input)
+        low, high = int(low), int(high)
+        if low < 0 or high >= used:
+            bad = low if low < 0 else high
+            raise IndexError(
+                f"GrowEmbedding: id {bad} is out of range: ids must be in [0, num_embeddings="
+                f"{used})"
+            )
+        if not all_live:
+            live = self.active[input]
+            if not bool(live.all()):
+                bad = int(input[~live].flatten()[0])
+                raise IndexError(
+                    f"GrowEmbedding: id {bad} is a deactivated row; reactivate({bad}) it "
+                    "before looking it up"
+                )

@@ -1,0 +1,235 @@
+"""Hugging Face ``transformers`` models whose vocabulary grows in place (``pip install growop[hf]``).
+
+``make_growable(model)`` swaps a causal LM's input embedding for a :class:`GrowEmbedding`
+and its output head for a :class:`GrowLinear` that shares its rows (the same Parameter
+when the model ties them, one mask either way). From then on
+``model.resize_token_embeddings(n, optimizer=opt)`` grows the vocabulary in place: no
+allocation within capacity, the same Parameters, the optimizer's state kept and new rows
+given fresh per-row Adam steps. ``to_plain(model)`` turns it back into stock modules for
+``save_pretrained``.
+
+This is the only growop module that imports ``transformers``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import types
+
+import torch
+from torch import nn
+
+try:
+    from transformers import PreTrainedModel
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "growop.transformers needs the transformers package: pip install 'growop[hf]'"
+    ) from error
+
+import growop
+from growop import distributed, optim
+from growop.embedding import GrowEmbedding
+from growop.modules import GrowLinear, default_capacity
+
+__all__ = ["make_growable", "resize_token_embeddings", "to_plain"]
+
+
+def make_growable(
+    model: PreTrainedModel, capacity: int | None = None, *, static_shape: bool = False
+) -> PreTrainedModel:
+    """Makes ``model``'s vocabulary growable in place and returns ``model``.
+
+    The input embedding becomes a :class:`GrowEmbedding` and the output head a
+    :class:`GrowLinear` with ``capacity`` rows (default :func:`growop.default_capacity` of
+    the vocabulary: 25% headroom, at least 8 rows). A tied head keeps sharing the
+    embedding's weight Parameter; an untied one shares its mask, so both always have the
+    same live tokens. ``static_shape=True`` makes the logits ``capacity`` wide (tokens not
+    yet added are masked), so growing changes no shape.
+
+    ``model.resize_token_embeddings`` then grows in place (see
+    :func:`resize_token_embeddings`) and ``config.vocab_size`` always equals the logits'
+    width. Build the optimizer after this call: the Parameters are new (``capacity`` rows).
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"make_growable expects a transformers PreTrainedModel, got {type(model).__name__}")
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if isinstance(embedding, GrowEmbedding):
+        raise ValueError("make_growable: this model's embeddings are already growop modules")
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(
+            f"make_growable: the input embeddings must be an nn.Embedding, got {type(embedding).__name__}"
+        )
+    if head is not None and not isinstance(head, nn.Linear):
+        raise TypeError(
+            f"make_growable: the output head must be an nn.Linear, got {type(head).__name__}"
+        )
+    vocab = embedding.num_embeddings
+    if head is not None and head.out_features != vocab:
+        raise ValueError(
+            f"make_growable: the head has {head.out_features} outputs but the embedding "
+            f"{vocab} rows; they must describe the same vocabulary"
+        )
+    capacity = default_capacity(vocab) if capacity is None else capacity
+    tied = head is not None and head.weight is embedding.weight
+
+    grow_embedding = GrowEmbedding.from_embedding(embedding, capacity=capacity)
+    grow_head = None
+    if head is not None:
+        grow_head = GrowLinear.from_linear(head, capacity=capacity, static_shape=static_shape)
+        if tied:
+            growop.tie(grow_embedding, grow_head)
+        else:
+            growop.grow_together(grow_embedding, grow_head)
+    model.set_input_embeddings(grow_embedding)
+    if grow_head is not None:
+        model.set_output_embeddings(grow_head)
+    # An instance attribute, so the model keeps its class (and save_pretrained its
+    # architecture name); to_plain removes it.
+    model.resize_token_embeddings = types.MethodType(resize_token_embeddings, model)
+    _sync_vocab_size(model)
+    return model
+
+
+def resize_token_embeddings(
+    model: PreTrainedModel,
+    new_num_tokens: int | None = None,
+    pad_to_multiple_of: int | None = None,
+    mean_resizing: bool = True,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> GrowEmbedding:
+    """``PreTrainedModel.resize_token_embeddings`` for a model made growable, in place.
+
+    Installed as ``model.resize_token_embeddings`` by :func:`make_growable`.
+
+    - ``new_num_tokens``: the vocabulary after the call; every token below it is live.
+      Shrinking raises: deactivate tokens instead (``model.get_input_embeddings().deactivate``).
+    - ``pad_to_multiple_of``: the capacity is rounded up to a multiple of it. The padding
+      rows exist but are never live (never looked up, never predicted).
+    - ``mean_resizing=True``: new rows are the mean of the live rows, in O(V d) (the
+      embedding's and, when untied, the head's own); ``False``: drawn from
+      ``normal(0, config.initializer_range)`` as transformers' ``_init_weights`` does.
+    - ``optimizer``: an optimizer holding the embedding or head; the new rows' state starts
+      fresh (Adam and AdamW also get per-row step counts), every other row's is kept.
+
+    Within capacity nothing is allocated and every Parameter stays the same object. Past
+    capacity the storage is reallocated once (pass ``optimizer=`` so its state follows).
+    Returns the input embedding, as transformers does.
+    """
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, GrowEmbedding):
+        raise TypeError("resize_token_embeddings: call growop.transformers.make_growable(model) first")
+    live = embedding.num_embeddings
+    if new_num_tokens is None and pad_to_multiple_of is None:
+        return embedding
+    new = live if new_num_tokens is None else _checked_count(new_num_tokens, "new_num_tokens")
+    if new < live:
+        raise ValueError(
+            f"resize_token_embeddings: cannot shrink the vocabulary from {live} to {new} tokens "
+            "in place. To stop using tokens, mask them: "
+            "model.get_input_embeddings().deactivate(token_ids) (the head shares the mask)."
+        )
+    capacity = max(embedding.capacity, new)
+    if pad_to_multiple_of is not None:
+        multiple = _checked_count(pad_to_multiple_of, "pad_to_multiple_of")
+        if multiple == 0:
+            raise ValueError("resize_token_embeddings: pad_to_multiple_of must be >= 1, got 0")
+        capacity = math.ceil(capacity / multiple) * multiple
+    if capacity > embedding.capacity:
+        _reserve(embedding, capacity, optimizer)
+    if new > live:
+        init = "mean" if mean_resizing else _normal_init(model)
+        embedding.grow(new - live, init=init, optimizer=optimizer)
+    _sync_vocab_size(model)
+    return embedding
+
+
+def to_plain(model: PreTrainedModel) -> PreTrainedModel:
+    """Turns a model made growable back into stock ``nn.Embedding`` / ``nn.Linear``, in place.
+
+    The new modules hold the live vocabulary (``num_embeddings`` rows), a tied head shares
+    the embedding's Parameter again, ``config.vocab_size`` is the live count, and
+    ``resize_token_embeddings`` is transformers' own again: ``save_pretrained`` and a stock
+    ``from_pretrained`` give the same logits. Raises if a token is deactivated, since a
+    plain head without bias cannot mask it. Returns ``model``.
+    """
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, GrowEmbedding):
+        raise TypeError("to_plain: this model's input embeddings are not a GrowEmbedding")
+    head = model.get_output_embeddings()
+    live = embedding.num_embeddings
+    masked = (~embedding.active[:live]).nonzero().flatten()
+    if masked.numel():
+        raise ValueError(
+            f"to_plain: tokens {masked[:8].tolist()}{' ...' if masked.numel() > 8 else ''} are "
+            "deactivated and a stock head cannot mask them; reactivate them first"
+        )
+    tied = isinstance(head, GrowLinear) and head.weight is embedding.weight
+    plain_embedding = embedding.to_embedding()
+    plain_head = None
+    if isinstance(head, GrowLinear):
+        weight = head.weight.detach()
+        plain_head = nn.Linear(
+            head.in_features, live, bias=head.bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        if tied:
+            plain_head.weight = plain_embedding.weight
+        else:
+            with torch.no_grad():
+                plain_head.weight.copy_(weight[:live])
+        if head.bias is not None:
+            with torch.no_grad():
+                plain_head.bias.copy_(head.bias.detach()[:live])
+    model.set_input_embeddings(plain_embedding)
+    if plain_head is not None:
+        model.set_output_embeddings(plain_head)
+    model.__dict__.pop("resize_token_embeddings", None)
+    _sync_vocab_size(model)
+    return model
+
+
+def _reserve(embedding: GrowEmbedding, capacity: int, optimizer) -> None:
+    """Reallocates the embedding's row set (and so the head's) to exactly ``capacity`` rows."""
+    rows = embedding._rows
+    params = rows.params()
+    optim.check_holds(optimizer, params)
+    reason = distributed.reallocation_error(rows.capacity, capacity, params, False)
+    if reason is not None:
+        raise RuntimeError(reason)
+    rows.reallocate(capacity, optimizer)
+
+
+def _sync_vocab_size(model: PreTrainedModel) -> None:
+    """``config.vocab_size`` (and ``model.vocab_size``) := the logits' width."""
+    head = model.get_output_embeddings()
+    if isinstance(head, GrowLinear) and head.static_shape:
+        width = head.capacity
+    else:
+        width = model.get_input_embeddings().num_embeddings
+    model.config.get_text_config().vocab_size = width
+    if hasattr(model, "vocab_size"):
+        model.vocab_size = width
+
+
+def _normal_init(model: PreTrainedModel):
+    """New rows as transformers' ``_init_weights`` draws them: ``normal(0, initializer_range)``."""
+    std = float(getattr(model.config.get_text_config(), "initializer_range", 0.02))
+
+    def init(weight, *rest):
+        weight.normal_(0.0, std)
+
+    return init
+
+
+def _checked_count(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"resize_token_embeddings: {what} must be an int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"resize_token_embeddings: {what} must be an int, got {value!r}") from None
+    if value < 0:
+        raise ValueError(f"resize_token_embeddings: {what} must be >= 0, got {value}")
+    return value
