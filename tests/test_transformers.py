@@ -1,0 +1,270 @@
+"""growop.transformers: Hugging Face causal LMs whose vocabulary grows in place, offline on CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import growop  # noqa: E402
+from growop.transformers import make_growable, to_plain  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+NEW_WORDS = ["exoplanet", "spectrograph", "magnetosphere", "protostar"]
+BASE_TEXT = [
+    "the miller walks to the market in the morning.",
+    "the sea is calm, so the old sailor stays quiet.",
+    "after the rain the baker paints the old bridge.",
+    "when the wind is cold, my sister waits near the harbour.",
+] * 8
+NEW_TEXT = [
+    "the astronomer measures the exoplanet with the spectrograph.",
+    "the protostar is bright, so the student maps the magnetosphere.",
+]
+
+MODELS = {
+    "llama_tied": lambda vocab: LlamaForCausalLM(_llama_config(vocab, tied=True)),
+    "llama_untied": lambda vocab: LlamaForCausalLM(_llama_config(vocab, tied=False)),
+    "gpt2": lambda vocab: GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )
+    ),
+}
+
+
+def _llama_config(vocab: int, tied: bool) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE tokenizer trained here, offline, on the base text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(BASE_TEXT, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def is_tied(model) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def batch(tokenizer, texts) -> torch.Tensor:
+    return tokenizer(texts, return_tensors="pt", padding=True).input_ids
+
+
+# ----------------------------------------------------------------------------- make_growable
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_make_growable_swaps_modules_in_place_and_keeps_logits(name, tokenizer):
+    torch.manual_seed(0)
+    model = MODELS[name](len(tokenizer))
+    tied = is_tied(model)
+    x = batch(tokenizer, BASE_TEXT[:2])
+    expected = model(input_ids=x).logits
+    assert make_growable(model) is model
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embedding, growop.GrowEmbedding) and isinstance(embedding, nn.Embedding)
+    assert isinstance(head, growop.GrowLinear) and isinstance(head, nn.Linear)
+    assert embedding.capacity == head.capacity == growop.default_capacity(len(tokenizer))
+    assert is_tied(model) == tied == (name != "llama_untied")
+    torch.testing.assert_close(model(input_ids=x).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already growop modules"):
+        make_growable(model)
+
+
+# ----------------------------------------------------------------------------- training across a grow
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_resize_in_place_keeps_parameters_and_optimizer_state(name, tokenizer):
+    tokenizer = copy.deepcopy(tokenizer)
+    model = make_growable(MODELS[name](len(tokenizer)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    params = [(p, p.data_ptr()) for p in model.parameters()]
+    x = batch(tokenizer, BASE_TEXT[:4])
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+    weight = model.get_input_embeddings().weight
+    head_weight = model.get_output_embeddings().weight
+    before = {
+        (id(p), key): value.clone()
+        for p in {id(weight): weight, id(head_weight): head_weight}.values()
+        for key, value in opt.state[p].items()
+        if isinstance(value, torch.Tensor) and value.dim() == 2
+    }
+    old_vocab = len(tokenizer)
+    tokenizer.add_tokens(NEW_WORDS)
+    embedding = model.resize_token_embeddings(len(tokenizer), optimizer=opt)
+
+    assert embedding is model.get_input_embeddings()
+    assert [(p, p.data_ptr()) for p in model.parameters()] == params  # nothing reallocated
+    assert model.config.vocab_size == len(tokenizer) == embedding.num_embeddings
+    for p in (weight, head_weight):
+        for key, value in opt.state[p].items():
+            if (id(p), key) in before:
+                assert torch.equal(value[:old_vocab], before[id(p), key][:old_vocab])  # bit-identical
+                assert torch.count_nonzero(value[old_vocab : len(tokenizer)]) == 0
+
+    new_x = batch(tokenizer, NEW_TEXT)
+    assert int(new_x.max()) >= old_vocab  # the text uses the new tokens
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        out = model(input_ids=new_x, labels=new_x)
+        assert out.logits.shape[-1] == model.config.vocab_size
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_mean_resizing_gives_the_mean_of_live_rows_and_untied_heads_their_own():
+    model = make_growable(MODELS["llama_untied"](50))
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    embedding.deactivate([3])
+    live = embedding.active[:50]
+    emb_mean = embedding.weight.detach()[:50][live].mean(0)
+    head_mean = head.weight.detach()[:50][live].mean(0)
+    model.resize_token_embeddings(52)
+    torch.testing.assert_close(embedding.weight.detach()[50:52], emb_mean.expand(2, -1))
+    torch.testing.assert_close(head.weight.detach()[50:52], head_mean.expand(2, -1))
+    model.resize_token_embeddings(300, mean_resizing=False)
+    drawn = embedding.weight.detach()[52:300]
+    assert abs(float(drawn.std()) - model.config.initializer_range) < 0.004
+
+
+def test_static_shape_logits_are_capacity_wide():
+    model = make_growable(MODELS["llama_tied"](50), capacity=64, static_shape=True)
+    x = torch.tensor([[1, 2, 3]])
+    logits = model(input_ids=x, labels=x).logits
+    assert logits.shape[-1] == model.config.vocab_size == 64
+    assert (logits[..., 50:] == torch.finfo(logits.dtype).min).all()
+    model.resize_token_embeddings(55)
+    assert model.config.vocab_size == 64 and model.get_input_embeddings().num_embeddings == 55
+    logits = model(input_ids=x).logits
+    assert (logits[..., 55:] == torch.finfo(logits.dtype).min).all()
+    assert (logits[..., :55] > -1e4).all()
+
+
+def test_pad_to_multiple_of_rounds_the_capacity_and_padding_is_never_live():
+    model = make_growable(MODELS["llama_tied"](50), capacity=60)
+    opt = torch.optim.AdamW(model.parameters())
+    embedding = model.resize_token_embeddings(61, pad_to_multiple_of=32, optimizer=opt)
+    assert embedding.capacity == 64 and embedding.num_embeddings == 61
+    assert model.get_output_embeddings().weight is embedding.weight
+    assert embedding.active.tolist() == [True] * 61 + [False] * 3
+    assert model.config.vocab_size == model(input_ids=torch.tensor([[60]])).logits.shape[-1] == 61
+    with pytest.raises(IndexError):
+        embedding(torch.tensor([62]))
+    ptr = embedding.weight.data_ptr()
+    model.resize_token_embeddings(63, pad_to_multiple_of=32, optimizer=opt)  # fits: in place
+    assert embedding.capacity == 64 and embedding.weight.data_ptr() == ptr
+
+
+def test_shrinking_raises_and_changes_nothing():
+    model = make_growable(MODELS["llama_tied"](50))
+    with pytest.raises(ValueError, match="cannot shrink the vocabulary from 50 to 40.*deactivate"):
+        model.resize_token_embeddings(40)
+    assert model.get_input_embeddings().num_embeddings == model.config.vocab_size == 50
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1"):
+        model.resize_token_embeddings(52, pad_to_multiple_of=0)
+    assert model.get_input_embeddings().num_embeddings == 50
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "gpt2"])
+def test_generate_and_transition_scores_never_emit_ids_that_are_not_live(name, tokenizer):
+    model = make_growable(MODELS[name](len(tokenizer)), static_shape=(name == "gpt2"))
+    model.resize_token_embeddings(len(tokenizer) + 4)
+    embedding = model.get_input_embeddings()
+    allowed = torch.tensor([5, 17, 40, len(tokenizer) + 2])
+    masked = torch.ones(embedding.num_embeddings, dtype=torch.bool)
+    masked[allowed] = False
+    embedding.deactivate(masked.nonzero().flatten())
+    prompt = allowed[:2].view(1, 2)
+    greedy = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=5)
+    torch.manual_seed(0)
+    sampled = model.generate(
+        prompt.expand(8, 2),
+        max_new_tokens=12,
+        do_sample=True,
+        temperature=1.5,
+        pad_token_id=5,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    scores = model.compute_transition_scores(sampled.sequences, sampled.scores, normalize_logits=True)
+    assert scores.shape == (8, 12) and torch.isfinite(scores).all()
+    for sequence in (greedy, sampled.sequences):
+        assert torch.isin(sequence[:, 2:], allowed).all()
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_to_plain_save_pretrained_from_pretrained_round_trip(name, tokenizer, tmp_path):
+    model = make_growable(MODELS[name](len(tokenizer)), static_shape=(name == "gpt2"))
+    tied = is_tied(model)
+    model.resize_token_embeddings(len(tokenizer) + 3)
+    x = torch.tensor([[1, 2, len(tokenizer) + 2, 7]])
+    expected = model(input_ids=x).logits[..., : len(tokenizer) + 3]
+    assert to_plain(model) is model
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert type(embedding) is nn.Embedding and type(head) is nn.Linear
+    assert is_tied(model) == tied
+    assert model.config.vocab_size == len(tokenizer) + 3
+    assert "resize_token_embeddings" not in model.__dict__
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert is_tied(loaded) == tied
+    torch.testing.assert_close(loaded(input_ids=x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_to_plain_refuses_deactivated_tokens():
+    model = make_growable(MODELS["llama_tied"](50))
+    model.get_input_embeddings().deactivate([4])
+    with pytest.raises(ValueError, match=r"tokens \[4\] are deactivated"):
+        to_plain(model)
+    assert isinstance(model.get_input_embeddings(), growop.GrowEmbedding)
