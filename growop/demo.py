@@ -50,6 +50,7 @@ from growop import GrowLinear
 from growop.optim import row_step_correction
 from growop.reference import add_output_nodes
 
+TASKS = ("digits", "vocab")
 METHODS = ("growop", "growop_uncorrected", "copy_keep_optimizer", "copy_new_optimizer")
 NUM_CLASSES = 10
 IN_FEATURES = 64  # 8x8 pixels
@@ -450,6 +451,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"smoke mode: {QUICK_STEPS_PER_STAGE} steps per stage instead of {STEPS_PER_STAGE}",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default="digits",
+        help="digits (this task, the default) or vocab: adding tokens to a tiny Llama "
+        "(python -m growop.demo --task vocab --help)",
+    )
     args = parser.parse_args(argv)
     if not 2 <= args.stages <= NUM_CLASSES:
         parser.error(f"--stages must be between 2 and {NUM_CLASSES}, got {args.stages}")
@@ -462,8 +470,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the demo; returns what it writes to ``results.json``."""
-    args = parse_args(argv)
+    """Runs the demo; returns what it writes to ``results.json``.
+
+    ``--task digits`` (the default) is this module's class-incremental task; ``--task vocab``
+    runs :mod:`growop.demo_vocab` with the remaining arguments.
+    """
+    task_parser = argparse.ArgumentParser(add_help=False)
+    task_parser.add_argument("--task", choices=TASKS, default="digits")
+    task, rest = task_parser.parse_known_args(argv)
+    if task.task == "vocab":
+        from growop import demo_vocab
+
+        return demo_vocab.main(rest)
+    args = parse_args(rest)
     tqdm = _require("tqdm", "tqdm").tqdm
     _require("matplotlib", "matplotlib")
     _require("sklearn", "scikit-learn")
