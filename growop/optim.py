@@ -1,19 +1,34 @@
-"""Per-row step counts for Adam and AdamW, so rows added mid-training start fresh.
+"""Every interaction of growop's layers with an optimizer.
 
-Adam keeps one step counter per Parameter and divides its moments by ``1 - beta ** step``.
-A row that starts at global step ``t0`` (a :meth:`GrowLinear.grow` or ``reactivate`` with
-``optimizer=``) has moments that were zero at ``t0``, so the correct divisor is
-``1 - beta ** (step - t0)``; the shared counter makes its first updates several times too
-large. Each GrowLinear records in its ``row_start_step`` buffer the optimizer step at which
-each row started (0: from the beginning). Around every optimizer step, rows still young
-enough for the difference to show in their dtype are updated again from their pre-step
-values with their own step count, exactly as a freshly created optimizer would update
-them. Every other row keeps the stock optimizer's update, bit for bit.
+Rows change under an optimizer in four ways, each handled here and nowhere else:
 
-Covered: ``torch.optim.Adam`` and ``AdamW`` (any implementation: the correction works on
-the state the step leaves), with or without ``amsgrad``, L2 or decoupled weight decay,
-``maximize``. SGD needs no correction (its first momentum step equals a fresh one's when
-``dampening`` is 0). Other optimizers get a one-time warning.
+- zeroing a row's state (momentum, Adam moments) when it is grown, masked or unmasked
+  (:func:`reset_rows`);
+- resizing per-row state after the storage grew past capacity (:func:`resize_state`), and
+  refusing to step with state of the old size (:func:`note_reallocated`);
+- per-row step counts for Adam and AdamW (:func:`start_rows`), described below;
+- checking that an optimizer passed in holds the layer (:func:`check_holds`).
+
+Per-row step counts. Adam keeps one step counter per Parameter and divides its moments by
+``1 - beta ** step``. A row that starts at step ``t0`` of an optimizer (a ``grow`` or
+``reactivate`` with ``optimizer=``) has moments that were zero at ``t0``, so the correct
+divisor is ``1 - beta ** (step - t0)``; the shared counter makes its first updates several
+times too large. The start steps belong to the optimizer whose counter they refer to, so
+they live in its state, beside ``step``: ``optimizer.state[param]["row_start"]["step"]``, an
+int64 tensor with one entry per row (0: from the beginning). They travel with the
+optimizer's ``state_dict`` (a resumed run keeps correcting its young rows), and a new
+optimizer, which has none, treats every row as fresh, as stock Adam would. (The inner key
+is ``"step"`` because ``Optimizer.load_state_dict`` casts every other state tensor to the
+parameter's dtype, which would round start steps in bfloat16.)
+
+Around every step of an optimizer that holds start steps, rows still young enough for the
+difference to show in their dtype are updated again from their pre-step values with their
+own step count, exactly as a freshly created optimizer would update them. Every other row
+keeps the stock optimizer's update, bit for bit. Covered: ``torch.optim.Adam`` and ``AdamW``
+(any implementation: the correction works on the state the step leaves), with or without
+``amsgrad``, L2 or decoupled weight decay, ``maximize``. SGD needs no correction (its first
+momentum step equals a fresh one's when ``dampening`` is 0). Other optimizers get a
+one-time warning.
 """
 
 from __future__ import annotations
@@ -33,9 +48,17 @@ from torch.optim.optimizer import (
 
 from growop import distributed
 
-# Layers that have rows still young enough to need correcting, by id.
-_young_layers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-# Pre-step values of young rows, per optimizer: {id(param): (rows, values, step_before)}.
+START = "row_start"  # optimizer.state[param][START]["step"]: per-row start steps
+
+# Per optimizer: (its state dict object, the params whose state holds start steps).
+# Rescanned when load_state_dict replaces the state object.
+_starts_by_optimizer: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Row sets reallocated without the optimizer at hand: checked before every step, so state
+# sized for the old capacity raises a clear error instead of failing deep inside the
+# optimizer's arithmetic. Row sets, not Parameters: a weak reference to a Parameter would
+# stop swap_tensors (torch.__future__.set_swap_module_params_on_conversion).
+_reallocated: weakref.WeakSet = weakref.WeakSet()
+# Pre-step values of young rows, per optimizer: {id(param): (param, group, rows, values, step)}.
 _pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _warned_types: set = set()  # optimizer types (and other keys) warned about
 _enabled = True
@@ -64,28 +87,88 @@ def optimizer_step(optimizer: torch.optim.Optimizer, param: Tensor) -> int:
     return int(step.item() if isinstance(step, Tensor) else step)
 
 
-def start_rows(layer, rows: Tensor, optimizer: torch.optim.Optimizer) -> None:
-    """Records that ``rows`` of ``layer`` start fresh now, under ``optimizer``."""
-    step = optimizer_step(optimizer, layer.weight)
+def check_holds(optimizer, params: list[Tensor]) -> None:
+    """Raises unless ``optimizer`` is ``None`` or holds at least one of ``params``."""
+    if optimizer is None:
+        return
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in params):
+        raise ValueError("the optimizer given does not hold this layer's parameters")
+
+
+def is_row_state(value, param: Tensor) -> bool:
+    """Whether an optimizer state entry holds one slice per row of ``param``."""
+    return (
+        isinstance(value, Tensor)
+        and value.dim() == param.dim()
+        and value.dim() >= 1
+        and value.shape[1:] == param.shape[1:]
+    )
+
+
+# ---------------------------------------------------------------------- rows and sizes
+
+
+def resize_state(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> None:
+    """Brings per-row state (and start steps) to each parameter's row count.
+
+    State of another row count is padded with zeros (fresh state for new rows) or cut; the
+    rows both sizes have are unchanged.
+    """
+    for param in params:
+        state = param_state(optimizer, param)
+        for name, value in list(state.items()):
+            if is_row_state(value, param) and value.shape[0] != param.shape[0]:
+                state[name] = _resized(value, param.shape[0])
+        starts = _starts(state)
+        if starts is not None and starts.shape[0] != param.shape[0]:
+            state[START]["step"] = _resized(starts, param.shape[0])
+
+
+def _resized(value: Tensor, rows: int) -> Tensor:
+    resized = value.new_zeros((rows, *value.shape[1:]))
+    keep = min(rows, value.shape[0])
+    resized[:keep].copy_(value[:keep])
+    return resized
+
+
+def reset_rows(optimizer: torch.optim.Optimizer, params: list[Tensor], rows) -> None:
+    """Zeroes ``rows`` of every per-row state of ``params`` in ``optimizer``.
+
+    State left at an older row count (a grow past capacity without the optimizer) is
+    resized first, so the rows are always zeroed, never skipped.
+    """
+    resize_state(optimizer, params)
     with torch.no_grad():
-        layer.row_start_step[rows] = step
-    track(layer)
+        for param in params:
+            for value in param_state(optimizer, param).values():
+                if is_row_state(value, param):
+                    distributed.zero_rows_(value, rows)
 
 
-def track(layer) -> None:
-    """Watches ``layer``'s rows that started after step 0 (after a grow or a load)."""
-    young = (layer.row_start_step > 0).nonzero().squeeze(1)
-    layer._young_rows = young
-    if young.numel():
-        _young_layers[id(layer)] = layer
-    else:
-        _young_layers.pop(id(layer), None)
+def note_reallocated(row_set) -> None:
+    """Records that ``row_set``'s parameters changed size, for the pre-step size check."""
+    _reallocated.add(row_set)
 
 
-def _warn_once(key, message: str) -> None:
-    if key not in _warned_types:
-        _warned_types.add(key)
-        warnings.warn(message, stacklevel=4)
+def _check_state_sizes(optimizer: torch.optim.Optimizer) -> None:
+    for row_set in list(_reallocated):
+        for param in row_set.params():
+            for name, value in param_state(optimizer, param).items():
+                if is_row_state(value, param) and value.shape[0] != param.shape[0]:
+                    raise RuntimeError(
+                        f"growop: {type(optimizer).__name__} holds state '{name}' of shape "
+                        f"{tuple(value.shape)} for a parameter that now has shape "
+                        f"{tuple(param.shape)}: the layer grew past its capacity without the "
+                        "optimizer. Call layer.resize_optimizer_state(optimizer) once before "
+                        "stepping (new rows start with fresh state), and pass optimizer= to "
+                        "grow() from now on."
+                    )
+
+
+# ---------------------------------------------------------------------- per-row steps
 
 
 def _covered(optimizer: torch.optim.Optimizer) -> bool | None:
@@ -97,11 +180,59 @@ def _covered(optimizer: torch.optim.Optimizer) -> bool | None:
     return None
 
 
+def _starts(state: dict) -> Tensor | None:
+    """The per-row start steps in one parameter's state, as int64 on the CPU, or None."""
+    entry = state.get(START)
+    if not isinstance(entry, dict) or not isinstance(entry.get("step"), Tensor):
+        return None
+    starts = entry["step"]
+    if starts.dtype != torch.int64 or starts.device.type != "cpu":
+        # capturable/fused optimizers' load_state_dict moves "step" to float32 on the device
+        starts = entry["step"] = starts.round().to(device="cpu", dtype=torch.int64)
+    return starts
+
+
+def start_rows(optimizer: torch.optim.Optimizer, params: list[Tensor], rows: Tensor) -> None:
+    """Records that ``rows`` of ``params`` start fresh now, at ``optimizer``'s step."""
+    if _covered(optimizer) is False:
+        return  # SGD: a fresh row's first step is already a fresh optimizer's
+    rows = rows.to("cpu")
+    for param in params:
+        if param not in optimizer.state:
+            continue  # never stepped: every row is fresh anyway
+        state = optimizer.state[param]
+        step = optimizer_step(optimizer, param)
+        starts = _starts(state)
+        if starts is None:
+            if step == 0:
+                continue
+            starts = torch.zeros(param.shape[0], dtype=torch.int64)
+            state[START] = {"step": starts}
+        starts[rows] = step
+        _young_params(optimizer)[id(param)] = param
+
+
+def _young_params(optimizer: torch.optim.Optimizer) -> dict:
+    """The params of ``optimizer`` whose state holds start steps, by id."""
+    cached = _starts_by_optimizer.get(optimizer)
+    if cached is not None and cached[0] is optimizer.state:
+        return cached[1]
+    found = {id(p): p for p, s in optimizer.state.items() if isinstance(s, dict) and START in s}
+    _starts_by_optimizer[optimizer] = (optimizer.state, found)
+    return found
+
+
 def _group_of(optimizer: torch.optim.Optimizer, param: Tensor) -> dict | None:
     for group in optimizer.param_groups:
         if any(p is param for p in group["params"]):
             return group
     return None
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned_types:
+        _warned_types.add(key)
+        warnings.warn(message, stacklevel=4)
 
 
 def _age_limit(beta: float, dtype: torch.dtype) -> float:
@@ -111,65 +242,74 @@ def _age_limit(beta: float, dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).eps / 4) / math.log(beta)
 
 
+def _limit(group: dict, dtype: torch.dtype) -> float:
+    beta1, beta2 = (float(b) for b in group["betas"])
+    return max(_age_limit(beta1, dtype), _age_limit(beta2, dtype))
+
+
 def _before_step(optimizer, args, kwargs) -> None:
-    if not _young_layers or not _enabled:
+    if _reallocated:
+        _check_state_sizes(optimizer)
+    if not _enabled:
+        return
+    young_params = _young_params(optimizer)
+    if not young_params:
         return
     covered = _covered(optimizer)
-    for layer in list(_young_layers.values()):
-        for param in layer._params():
-            group = _group_of(optimizer, param)
-            if group is None:
-                continue
-            if covered is None:
-                _warn_once(
-                    type(optimizer),
-                    f"growop: {type(optimizer).__name__} is not covered by GrowLinear's "
-                    "per-row step correction. Rows added mid-training are updated with the "
-                    "optimizer's shared state (their own state zeroed at grow); only Adam "
-                    "and AdamW also get fresh per-row bias correction.",
-                )
-                continue
-            if not covered or param.grad is None:
-                continue
-            if distributed.is_sharded(param):
-                _warn_once(
-                    "sharded",
-                    "growop: per-row step correction is not applied to sharded (FSDP2) "
-                    "parameters; their new rows use the optimizer's shared step count.",
-                )
-                continue
-            step = optimizer_step(optimizer, param)
-            beta1, beta2 = group["betas"]
-            limit = max(_age_limit(float(beta1), param.dtype), _age_limit(float(beta2), param.dtype))
-            young = layer._young_rows
-            rows = young[step + 1 - layer.row_start_step.index_select(0, young) < limit]
-            if rows.numel() == 0:
-                continue
-            rows = rows.to(param.device)
-            values = param.detach().index_select(0, rows)
-            _pending.setdefault(optimizer, {})[id(param)] = (layer, param, group, rows, values, step)
+    for param in list(young_params.values()):
+        group = _group_of(optimizer, param)
+        if group is None:
+            continue
+        if covered is None:
+            _warn_once(
+                type(optimizer),
+                f"growop: {type(optimizer).__name__} is not covered by growop's per-row "
+                "step correction. Rows added mid-training are updated with the optimizer's "
+                "shared state (their own state zeroed at grow); only Adam and AdamW also get "
+                "fresh per-row bias correction.",
+            )
+            continue
+        if not covered or param.grad is None:
+            continue
+        if distributed.is_sharded(param):
+            _warn_once(
+                "sharded",
+                "growop: per-row step correction is not applied to sharded (FSDP2) "
+                "parameters; their new rows use the optimizer's shared step count.",
+            )
+            continue
+        state = optimizer.state[param]
+        starts = _starts(state)
+        if starts is None or starts.shape[0] != param.shape[0]:
+            continue
+        step = optimizer_step(optimizer, param)
+        young = (starts > 0).nonzero().squeeze(1)
+        rows = young[step + 1 - starts.index_select(0, young) < _limit(group, param.dtype)]
+        if rows.numel() == 0:
+            continue
+        rows = rows.to(param.device)
+        values = param.detach().index_select(0, rows)
+        _pending.setdefault(optimizer, {})[id(param)] = (param, group, rows, values, step)
 
 
 def _after_step(optimizer, args, kwargs) -> None:
     pending = _pending.pop(optimizer, None)
     if pending:
         with torch.no_grad():
-            for layer, param, group, rows, before, step_before in pending.values():
+            for param, group, rows, before, step_before in pending.values():
                 step = optimizer_step(optimizer, param)
                 if step == step_before:  # the optimizer skipped this parameter
                     continue
-                _redo_rows(optimizer, layer.row_start_step, param, group, rows, before, step)
-    for layer in list(_young_layers.values()):
-        _forget_old_rows(layer, optimizer)
+                _redo_rows(optimizer, param, group, rows, before, step)
+    if _covered(optimizer):
+        _forget_old_rows(optimizer)
 
 
-def _redo_rows(
-    optimizer, starts: Tensor, param: Tensor, group: dict, rows: Tensor, before: Tensor, step: int
-) -> None:
-    """The rows' update again, from their pre-step values, with per-row step counts
-    (``step`` minus the rows' entries in ``starts``, the layer's ``row_start_step``)."""
+def _redo_rows(optimizer, param: Tensor, group: dict, rows: Tensor, before: Tensor, step: int) -> None:
+    """The rows' update again, from their pre-step values, with per-row step counts."""
     state = optimizer.state[param]
-    ages = (step - starts.index_select(0, rows.to(starts.device))).to(param.device)
+    starts = _starts(state)
+    ages = (step - starts.index_select(0, rows.cpu())).to(param.device)
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps, weight_decay = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
     decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
@@ -189,23 +329,25 @@ def _redo_rows(
     param.index_copy_(0, rows, values)
 
 
-def _forget_old_rows(layer, optimizer) -> None:
-    """Marks rows whose correction has fallen below rounding as ordinary (start 0)."""
-    group = _group_of(optimizer, layer.weight)
-    if group is None or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        return
-    step = optimizer_step(optimizer, layer.weight)
-    beta1, beta2 = (float(b) for b in group["betas"])
-    limit = max(_age_limit(beta1, layer.weight.dtype), _age_limit(beta2, layer.weight.dtype))
-    young = layer._young_rows
-    aged = step - layer.row_start_step.index_select(0, young) >= limit
-    if not bool(aged.any()):
-        return
-    with torch.no_grad():
-        layer.row_start_step[young[aged]] = 0
-    layer._young_rows = young[~aged]
-    if layer._young_rows.numel() == 0:
-        _young_layers.pop(id(layer), None)
+def _forget_old_rows(optimizer) -> None:
+    """Marks rows whose correction has fallen below rounding as ordinary (start 0), and
+    drops the start steps of a parameter once none is young."""
+    young_params = _young_params(optimizer)
+    for key, param in list(young_params.items()):
+        group = _group_of(optimizer, param)
+        state = param_state(optimizer, param)
+        starts = _starts(state)
+        if group is None or starts is None:
+            young_params.pop(key)
+            continue
+        step = optimizer_step(optimizer, param)
+        young = starts > 0
+        aged = young & (step - starts >= _limit(group, param.dtype))
+        if bool(aged.any()):
+            starts[aged] = 0
+        if not bool((starts > 0).any()):
+            del state[START]
+            young_params.pop(key)
 
 
 register_optimizer_step_pre_hook(_before_step)

@@ -419,7 +419,7 @@ def test_reset_parameters_draws_a_new_seed_and_state_dict_keys_are_unchanged():
     torch.manual_seed(5)
     layer = GrowLinear(7, 2, capacity=20)
     assert "_init_seed" in dict(layer.named_buffers())
-    assert set(layer.state_dict()) == {"weight", "bias", "active", "row_start_step", "_extra_state"}
+    assert set(layer.state_dict()) == {"weight", "bias", "active", "_extra_state"}
     seed = int(layer._init_seed)
     layer.reset_parameters()
     assert int(layer._init_seed) != seed

@@ -639,8 +639,8 @@ def test_error_callable_init_that_fails_leaves_layer_unchanged():
 
 
 def test_state_dict_keys():
-    assert set(make_layer(7, 3).state_dict()) == {"weight", "bias", "active", "row_start_step", "_extra_state"}
-    assert set(make_layer(7, 3, bias=False).state_dict()) == {"weight", "active", "row_start_step", "_extra_state"}
+    assert set(make_layer(7, 3).state_dict()) == {"weight", "bias", "active", "_extra_state"}
+    assert set(make_layer(7, 3, bias=False).state_dict()) == {"weight", "active", "_extra_state"}
 
 
 def _grown_source():

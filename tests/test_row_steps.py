@@ -151,17 +151,55 @@ def test_resumed_run_keeps_correcting_young_rows(tmp_path):
     resumed.mirrors = {}
     resumed.steps(10)
     assert torch.equal(resumed.layer.weight, whole.layer.weight)
-    assert torch.equal(resumed.layer.row_start_step, whole.layer.row_start_step)
+    assert torch.equal(_starts(resumed.optimizer, layer.weight), _starts(whole.optimizer, whole.layer.weight))
 
 
-def test_checkpoint_without_row_start_steps_still_loads():
+def _starts(optimizer, param):
+    return optimizer.state[param]["row_start"]["step"]
+
+
+def test_checkpoint_with_layer_row_start_steps_still_loads_strictly():
+    # growop 0.1 kept start steps in a row_start_step buffer and _extra_state in a dict.
     layer = growop.GrowLinear(IN, 4, capacity=8)
-    state = layer.state_dict()
-    del state["row_start_step"]
+    state = dict(layer.state_dict())
+    state["row_start_step"] = torch.arange(8)
+    state["_extra_state"] = {"out_features": 3, "version": 1}
     fresh = growop.GrowLinear(IN, 1, capacity=8)
-    fresh.load_state_dict(state)
-    assert torch.equal(fresh.row_start_step, torch.zeros(8, dtype=torch.long))
-    assert fresh.out_features == 4
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.out_features == 3 and fresh._live_count == 4
+    assert not hasattr(fresh, "row_start_step")
+
+
+def test_a_new_optimizer_treats_every_row_as_fresh():
+    run = Run("adam")
+    run.steps(3)
+    (row, *_) = run.grow(1)
+    optimizer = torch.optim.Adam(run.layer.parameters(), **run.kwargs)
+    run.optimizer = optimizer
+    run.mirrors = {}
+    for r in range(run.layer.out_features):  # every row: its own fresh Adam
+        weight = run.layer.weight[r].detach().clone().requires_grad_()
+        bias = run.layer.bias[r].detach().clone().requires_grad_()
+        run.mirrors[r] = (weight, bias, torch.optim.Adam([weight, bias], **run.kwargs))
+    run.steps(4)
+    assert torch.isfinite(run.layer.weight).all()
+    assert run.mirror_error() < 1e-10
+
+
+def test_a_fresh_layer_loaded_from_a_grown_checkpoint_trains_with_a_fresh_optimizer():
+    run = Run("adamw")
+    run.steps(3)
+    run.grow(2)
+    run.steps(2)
+    layer = growop.GrowLinear(IN, 1, capacity=16, dtype=torch.float64)
+    layer.load_state_dict(run.layer.state_dict())
+    optimizer = torch.optim.AdamW(layer.parameters(), **OPTIMIZERS["adamw"][1])
+    for t in range(3):
+        optimizer.zero_grad()
+        layer(run.inputs[t]).pow(2).sum().backward()
+        optimizer.step()
+    assert torch.isfinite(layer.weight).all() and torch.isfinite(layer.bias).all()
+    assert "row_start" not in optimizer.state[layer.weight]
 
 
 def test_rows_old_enough_stop_costing_anything():
@@ -169,15 +207,15 @@ def test_rows_old_enough_stop_costing_anything():
     run.steps(2)
     run.grow()
     layer = run.layer
-    assert (layer.row_start_step > 0).sum() == GROW
+    assert (_starts(run.optimizer, layer.weight) > 0).sum() == GROW
     beta2 = 0.999
     # Jump the optimizer's step counters forward to where beta2 ** age is below rounding.
     for state in run.optimizer.state.values():
         state["step"] += 40000
     run.mirrors = {}
     run.steps(1)
-    assert (layer.row_start_step > 0).sum() == 0
-    assert id(layer) not in growop.optim._young_layers
+    assert "row_start" not in run.optimizer.state[layer.weight]
+    assert not growop.optim._young_params(run.optimizer)
     assert beta2**40000 < torch.finfo(torch.float64).eps
 
 

@@ -1,0 +1,660 @@
+"""Capacity rows: the one implementation behind every growable layer.
+
+A growable layer allocates ``capacity`` rows in each of its row Parameters (a linear layer's
+weight and bias, an embedding's weight) and keeps a bool mask ``active`` of the live rows.
+:class:`RowSet` holds what several layers can share: the slots in use, the live count, and
+the operations that change them (grow, deactivate, reactivate, reallocation past
+capacity). Layers joined with :func:`grow_together` or :func:`tie` share one ``RowSet``, so
+one call on any of them acts on all: the same new rows, the same mask, one reallocation,
+and the optimizer's state handled once per Parameter (a tied Parameter counts once).
+
+:class:`GrowRows` is the base class of the layers: it owns the mask buffer, the seed of
+``init="default"`` rows, checkpoint fitting across capacities, and the public ``grow`` /
+``deactivate`` / ``reactivate`` methods. A layer adds only what is its own: its row
+Parameters (:meth:`GrowRows._row_params`), how a fresh row of them is drawn
+(:meth:`GrowRows._draw_rows`), and its forward. Every optimizer interaction goes through
+:mod:`growop.optim`.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Iterable
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from growop import distributed, optim
+
+# Past capacity, storage grows to at least this multiple of the old capacity, so a
+# run of single-row grows reallocates O(log n) times.
+GROWTH_FACTOR = 1.5
+
+_UINT64 = (1 << 64) - 1
+
+RowInit = Union[str, Tensor, tuple, Callable[..., None]]
+Rows = Union[int, Iterable[int], Tensor]
+
+
+def default_capacity(out_features: int) -> int:
+    """Rows allocated when ``capacity`` is not given: 25% headroom, and at least 8 rows."""
+    return out_features + max(8, math.ceil(out_features / 4))
+
+
+class RowSet:
+    """The rows that one or more layers grow together.
+
+    Holds the member layers, ``used`` (slots in use: rows ``< used`` have been grown) and
+    ``live`` (rows that are live, ``== int(active.sum())``). Each member keeps its own copy
+    of the mask in its ``active`` buffer (buffers do not stay shared across ``.to()``); this
+    class keeps them equal and mirrors ``used`` and ``live`` into every member's attributes,
+    so reading them never synchronises with a device.
+    """
+
+    def __init__(self, layer: GrowRows, used: int) -> None:
+        self.members: list[GrowRows] = [layer]
+        # (source, target, name): target.<name> is source.<name>, restored after loads.
+        self.ties: list[tuple[GrowRows, GrowRows, str]] = []
+        self.used = used
+        self.live = used
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def capacity(self) -> int:
+        return self.members[0].capacity
+
+    @property
+    def mask(self) -> Tensor:
+        return self.members[0].active
+
+    def params(self) -> list[Tensor]:
+        """Every member's row Parameters, each once (a tied Parameter counts once)."""
+        seen: dict[int, Tensor] = {}
+        for member in self.members:
+            for param in member._row_params().values():
+                if param is not None:
+                    seen.setdefault(id(param), param)
+        return list(seen.values())
+
+    def _set_counts(self, used: int, live: int) -> None:
+        self.used, self.live = used, live
+        for member in self.members:
+            setattr(member, member._used_attr, used)
+            member._live_count = live
+
+    def _write_mask(self, index, value: bool) -> None:
+        with torch.no_grad():
+            for member in self.members:
+                member.active[index] = value
+
+    # ------------------------------------------------------------------ operations
+
+    def grow(self, k: int, init: RowInit, optimizer, allow_reallocation: bool) -> range:
+        k = checked_int(k, "grow: k", 1)
+        params = self.params()
+        optim.check_holds(optimizer, params)
+        start, stop = self.used, self.used + k
+        if stop > self.capacity:
+            reason = distributed.reallocation_error(
+                self.capacity, stop, params, bool(allow_reallocation)
+            )
+            if reason is not None:
+                raise RuntimeError(reason)
+        # Every member's rows are made before anything changes; a tied Parameter takes the
+        # rows of the first member that holds it (the tie's source).
+        new_rows: dict[int, tuple[Tensor, Tensor]] = {}
+        for member in self.members:
+            for name, rows in member._initial_rows(k, init).items():
+                param = member._row_params()[name]
+                if param is not None and rows is not None:
+                    new_rows.setdefault(id(param), (param, rows))
+        if stop > self.capacity:
+            self.reallocate(max(default_capacity(stop), math.ceil(self.capacity * GROWTH_FACTOR)), optimizer)
+        with torch.no_grad():
+            for param, rows in new_rows.values():
+                distributed.write_rows_(param, start, rows)
+        self._write_mask(slice(start, stop), True)
+        self._set_counts(stop, self.live + k)
+        if optimizer is not None:
+            optim.reset_rows(optimizer, params, slice(start, stop))
+            optim.start_rows(optimizer, params, torch.arange(start, stop))
+        return range(start, stop)
+
+    def deactivate(self, rows: Rows, optimizer) -> None:
+        index = self.row_index(rows, "deactivate")
+        params = self.params()
+        optim.check_holds(optimizer, params)
+        self._write_mask(index, False)
+        self._set_counts(self.used, self._count_live())
+        if optimizer is not None:
+            optim.reset_rows(optimizer, params, index)
+
+    def reactivate(self, rows: Rows, optimizer) -> None:
+        index = self.row_index(rows, "reactivate")
+        params = self.params()
+        optim.check_holds(optimizer, params)
+        self._write_mask(index, True)
+        self._set_counts(self.used, self._count_live())
+        if optimizer is not None:
+            optim.reset_rows(optimizer, params, index)
+            optim.start_rows(optimizer, params, index)
+
+    def resize_optimizer_state(self, optimizer) -> None:
+        params = self.params()
+        optim.check_holds(optimizer, params)
+        optim.resize_state(optimizer, params)
+
+    def reallocate(self, capacity: int, optimizer) -> None:
+        """Grows every member's storage to ``capacity`` rows, keeping the Parameter objects
+        and the old rows bit-exact.
+
+        The new tensors are all made before any is installed, so running out of memory
+        leaves the layers as they were.
+        """
+        old = self.capacity
+        params = self.params()
+        datas, grads = [], []
+        for param in params:
+            data = param.new_zeros((capacity, *param.shape[1:]))
+            data[:old].copy_(param.detach())
+            datas.append(data)
+            grad = None
+            if param.grad is not None:
+                grad = param.grad.new_zeros(data.shape)
+                grad[:old].copy_(param.grad)
+            grads.append(grad)
+        masks = []
+        for member in self.members:
+            mask = member.active.new_zeros(capacity)
+            mask[:old].copy_(member.active)
+            masks.append(mask)
+
+        for param, data, grad in zip(params, datas, grads):
+            # Autograd caches the parameter's gradient accumulator, shape included, for as
+            # long as any graph holds it, and only drops it when the dtype changes. Passing
+            # through an empty tensor of another dtype makes the next graph build a new one.
+            param.data = data.new_empty(0, dtype=_other_dtype(data.dtype))
+            param.data = data
+            if grad is not None:
+                param.grad = grad
+        for member, mask in zip(self.members, masks):
+            member.active = mask
+        if optimizer is not None:
+            optim.resize_state(optimizer, params)
+        optim.note_reallocated(self)
+
+    def reset_mask(self) -> None:
+        """Every slot in use live again, as a freshly built layer's."""
+        with torch.no_grad():
+            for member in self.members:
+                member.active.copy_(torch.arange(self.capacity, device=member.active.device) < self.used)
+        self._set_counts(self.used, self.used)
+
+    def after_load(self, loaded: GrowRows, used: int) -> None:
+        """Makes the other members agree with ``loaded``'s freshly loaded mask."""
+        for source, target, name in self.ties:
+            if getattr(target, name) is not getattr(source, name):
+                setattr(target, name, getattr(source, name))  # assign=True loads replace
+        for member in self.members:
+            if member is not loaded and not member.active.is_meta and not loaded.active.is_meta:
+                if member.active.shape == loaded.active.shape:
+                    with torch.no_grad():
+                        member.active.copy_(loaded.active)
+        live = used if loaded.active.is_meta else int(loaded.active.sum())
+        self._set_counts(used, live)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _count_live(self) -> int:
+        return self.live if self.mask.is_meta else int(self.mask.sum())
+
+    def row_index(self, rows: Rows, method: str) -> Tensor:
+        """Validated row indices (``< used``) as a long tensor on the mask's device."""
+        if isinstance(rows, Tensor):
+            if rows.dtype == torch.bool or rows.is_floating_point() or rows.is_complex():
+                raise TypeError(f"{method}: rows must be integer indices, got a {rows.dtype} tensor")
+            if rows.dim() > 1:
+                raise ValueError(f"{method}: rows must be 0-D or 1-D, got shape {tuple(rows.shape)}")
+            index = rows.reshape(-1).to(device="cpu", dtype=torch.long)
+        else:
+            items = [rows] if not isinstance(rows, Iterable) else list(rows)
+            try:
+                index = torch.tensor([operator.index(r) for r in items], dtype=torch.long)
+            except TypeError:
+                raise TypeError(f"{method}: rows must be integer indices, got {rows!r}") from None
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.used):
+            bad = index[(index < 0) | (index >= self.used)][0].item()
+            raise IndexError(
+                f"{method}: row {bad} is out of range; rows must be in "
+                f"[0, {self.members[0]._used_attr}={self.used})"
+            )
+        return index.to(self.mask.device)
+
+
+def _merge(layers: tuple[GrowRows, ...], what: str) -> RowSet:
+    """One RowSet for ``layers`` (and every layer already sharing rows with them)."""
+    if len(layers) < 2:
+        raise ValueError(f"{what} needs at least two layers, got {len(layers)}")
+    for layer in layers:
+        if not isinstance(layer, GrowRows):
+            raise TypeError(f"{what}: expected growop layers, got {type(layer).__name__}")
+    first = layers[0]
+    for layer in layers[1:]:
+        if layer.capacity != first.capacity:
+            raise ValueError(
+                f"{what}: capacities differ ({type(first).__name__} has {first.capacity} rows, "
+                f"{type(layer).__name__} has {layer.capacity}); build the layers with the same capacity"
+            )
+        if layer._rows.used != first._rows.used:
+            raise ValueError(
+                f"{what}: slots in use differ ({first._rows.used} and {layer._rows.used}); "
+                "the layers must have grown to the same size"
+            )
+        if layer.active.device != first.active.device or (
+            layer._live_count != first._live_count
+            or not (first.active.is_meta or torch.equal(layer.active, first.active))
+        ):
+            raise ValueError(f"{what}: the layers' live rows differ; they must have the same mask")
+    merged = first._rows
+    for layer in layers[1:]:
+        if layer._rows is merged:
+            continue
+        other = layer._rows
+        merged.members.extend(m for m in other.members if m not in merged.members)
+        merged.ties.extend(other.ties)
+        for member in other.members:
+            member._rows = merged
+    return merged
+
+
+def grow_together(*layers: GrowRows) -> None:
+    """Makes ``layers`` grow as one: one mask, one live count, the same new rows.
+
+    Each layer keeps its own Parameters and initialises its own new rows. Afterwards
+    ``grow``, ``deactivate``, ``reactivate``, reallocation past capacity and optimizer
+    state handling called on any of them act on all. The layers must have the same
+    capacity, the same slots in use and the same live rows; otherwise this raises and
+    changes nothing.
+    """
+    _merge(layers, "grow_together")
+
+
+def tie(source: GrowRows, target: GrowRows) -> None:
+    """Makes ``target.weight`` the very Parameter ``source.weight`` is, with one row set.
+
+    The usual tie of a language model's output head to its input embedding. ``target``'s
+    own weight is dropped: tie before building the optimizer. Shapes (capacity, row size),
+    slots in use and live rows must match; otherwise this raises and changes nothing. After
+    loading a checkpoint with ``assign=True`` the tie is restored.
+    """
+    for layer in (source, target):
+        if not isinstance(layer, GrowRows):
+            raise TypeError(f"tie: expected growop layers, got {type(layer).__name__}")
+    if source.weight.shape != target.weight.shape:
+        raise ValueError(
+            f"tie: weight shapes differ: source {type(source).__name__} has "
+            f"{tuple(source.weight.shape)}, target {type(target).__name__} has "
+            f"{tuple(target.weight.shape)} (capacity, row size)"
+        )
+    if source.weight.dtype != target.weight.dtype or source.weight.device != target.weight.device:
+        raise ValueError(
+            f"tie: weights differ in dtype or device ({source.weight.dtype} on "
+            f"{source.weight.device}, {target.weight.dtype} on {target.weight.device})"
+        )
+    rows = _merge((source, target), "tie")
+    target.weight = source.weight
+    rows.ties.append((source, target, "weight"))
+
+
+class GrowRows(nn.Module):
+    """Base of growop's layers: capacity rows, their mask, growing and checkpoints.
+
+    Subclasses call :meth:`_init_rows` in ``__init__``, implement :meth:`_row_params` and
+    :meth:`_draw_rows`, and name in ``_used_attr`` their attribute that counts the slots in
+    use (``out_features``, ``num_embeddings``), which grows with :meth:`grow`.
+    """
+
+    _used_attr = "out_features"
+
+    active: Tensor
+    _live_count: int
+
+    def _init_rows(self, used: int, capacity: int, device) -> None:
+        self.register_buffer("active", torch.arange(capacity, device=device) < used)
+        # Seeds grow(init="default"): a buffer, so DDP broadcasts rank 0's at wrap time and
+        # every rank draws the same new rows whatever its own RNG state. Saved in
+        # _extra_state, so a resumed run grows the same rows.
+        self.register_buffer(
+            "_init_seed", torch.zeros((), dtype=torch.int64, device=device), persistent=False
+        )
+        self._rows = RowSet(self, used)
+        self._live_count = used
+
+    # ------------------------------------------------------------------ for subclasses
+
+    def _row_params(self) -> dict[str, Tensor | None]:
+        """This layer's row Parameters by name, in ``init`` tuple order (``None`` if absent)."""
+        raise NotImplementedError
+
+    def _draw_rows(self, rows: dict[str, Tensor], generator: torch.Generator | None) -> None:
+        """Fills, in place, fresh rows for each of this layer's row Parameters."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def capacity(self) -> int:
+        return self.weight.shape[0]
+
+    def grow(
+        self,
+        k: int = 1,
+        *,
+        init: RowInit = "default",
+        optimizer: torch.optim.Optimizer | None = None,
+        allow_reallocation: bool = False,
+    ) -> range:
+        """Adds ``k`` live rows after the last slot in use; returns their indices.
+
+        Within capacity nothing is allocated: the same Parameters, the same storage. Past
+        capacity the storage grows to ``max(default_capacity(n), 1.5 x capacity)`` rows; the
+        Parameter objects stay the same, old rows bit-exact, and with ``optimizer=`` its
+        per-row state grows with them. Without it, an optimizer that already holds state for
+        this layer raises a clear error at its next ``step()`` (see
+        :meth:`resize_optimizer_state`).
+
+        In data-parallel training every process calls ``grow`` with the same arguments at
+        the same step. Within capacity this works under ``DistributedDataParallel`` (wrapped
+        once, never re-wrapped) and FSDP2's ``fully_shard``. Past capacity it raises while
+        ``torch.distributed`` runs more than one process, unless ``allow_reallocation=True``
+        (and always under FSDP2).
+
+        Layers joined by :func:`growop.grow_together` or :func:`growop.tie` grow together:
+        each initialises its own Parameters' new rows with ``init``.
+
+        Args:
+            k: number of rows, ``>= 1``.
+            init: how the new rows start:
+
+                - ``"default"``: the layer's own initialisation (``nn.Linear``'s for
+                  ``GrowLinear``), drawn from a generator seeded by the layer's seed (drawn
+                  from the global RNG at construction or ``reset_parameters``) and the index
+                  of the first new row. The rows do not depend on the global RNG state at the
+                  time of the call, so every DDP rank draws the same rows;
+                - ``"zeros"``: every row Parameter zero;
+                - ``"mean"``: the mean of the live rows;
+                - a Tensor ``(k, row size)`` or ``(row size,)``: the weight rows (others 0);
+                - a tuple with one such tensor per row Parameter (``(weight, bias)`` for
+                  ``GrowLinear``; bias ``(k,)`` or a scalar);
+                - a callable that fills, in place, one ``(k, ...)`` tensor per row Parameter
+                  (``init(weight, bias)``, ``bias`` ``None`` without bias).
+
+                In distributed training, tensors and callables must give the same values on
+                every process (for example, draw them from a ``torch.Generator`` seeded
+                identically everywhere): growop cannot tell, and ranks that differ drift
+                apart silently under DDP.
+            optimizer: the optimizer that trains this layer. The new rows' state (momentum,
+                Adam moments, ...) starts at zero and Adam/AdamW give them their own step
+                count; old rows' state is untouched.
+            allow_reallocation: permit growing past capacity while ``torch.distributed`` runs
+                more than one process. Only for a model that is not wrapped in
+                ``DistributedDataParallel``, or that you will wrap again after growing: DDP's
+                gradient buckets do not follow reallocated parameters.
+
+        After an error nothing has changed.
+        """
+        return self._rows.grow(k, init, optimizer, allow_reallocation)
+
+    def deactivate(self, rows: Rows, *, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Masks existing rows (slots in use): their outputs become masked.
+
+        Weights are kept and positions never shift. With ``optimizer=`` the rows' optimizer
+        state is zeroed, so momentum stops moving the masked rows; decay that does not
+        depend on the gradient (AdamW's decoupled weight decay) still applies to them, as it
+        does to any parameter.
+        """
+        self._rows.deactivate(rows, optimizer)
+
+    def reactivate(self, rows: Rows, *, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Unmasks rows (slots in use) with the weights they kept.
+
+        With ``optimizer=`` their optimizer state starts fresh (zero), with a fresh step count.
+        """
+        self._rows.reactivate(rows, optimizer)
+
+    def resize_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Brings ``optimizer``'s per-row state for this layer to the current capacity.
+
+        Needed only after a grow past capacity made without ``optimizer=``: state tensors of
+        the old row count are padded with zeros (fresh state for the new rows); old rows'
+        state is unchanged.
+        """
+        self._rows.resize_optimizer_state(optimizer)
+
+    # ------------------------------------------------------------------ reset
+
+    def _reset_rows(self) -> None:
+        """The mask and seed as the constructor leaves them (for ``reset_parameters``).
+
+        Every slot in use is live again. Draws, from the global RNG, the seed from which
+        later ``grow(init="default")`` rows are drawn, so ``torch.manual_seed`` before
+        construction fixes those rows too. On meta nothing is computed, as in ``nn.Linear``.
+        """
+        if self.active.is_meta:
+            return
+        seed = torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64)
+        with torch.no_grad():
+            self._init_seed.fill_(seed.item())
+        self._rows.reset_mask()
+
+    # ------------------------------------------------------------------ new rows
+
+    def _initial_rows(self, k: int, init: RowInit) -> dict[str, Tensor | None]:
+        """This layer's new rows for ``init``, computed before anything changes.
+
+        Plain tensors on the layer's device, the same on every process for the built-in
+        inits (``"mean"`` gathers sharded parameters, a collective under FSDP2).
+        """
+        params = self._row_params()
+        shapes = {
+            name: (k, *p.shape[1:]) for name, p in params.items() if p is not None
+        }
+        likes = {name: distributed.local(p.detach()) for name, p in params.items() if p is not None}
+        first = next(iter(params))
+        with torch.no_grad():
+            if isinstance(init, str):
+                if init == "default":
+                    return self._default_rows(k, shapes, likes)
+                if init == "zeros":
+                    return {n: (likes[n].new_zeros(shapes[n]) if n in shapes else None) for n in params}
+                if init == "mean":
+                    live = self.active.nonzero().squeeze(1)
+                    if live.numel() == 0:
+                        raise ValueError("grow(init='mean') needs at least one live row")
+                    out = {}
+                    for name, p in params.items():
+                        if p is None:
+                            out[name] = None
+                            continue
+                        whole = distributed.full(p.detach()).index_select(0, live.to(likes[name].device))
+                        out[name] = whole.mean(0).expand(shapes[name]).clone()
+                    return out
+                raise ValueError(
+                    f"grow: unknown init {init!r}; expected 'default', 'zeros', 'mean', "
+                    "a tensor, a tuple or a callable"
+                )
+            if isinstance(init, Tensor):
+                out = {n: (likes[n].new_zeros(shapes[n]) if n in shapes else None) for n in params}
+                out[first] = _rows_like(init, shapes[first], likes[first], "init")
+                return out
+            if isinstance(init, tuple):
+                if len(init) != len(params):
+                    names = ", ".join(params)
+                    raise ValueError(f"grow: init tuple must be ({names}), got {len(init)} items")
+                out = {}
+                for (name, p), value in zip(params.items(), init):
+                    if p is None:
+                        if value is not None:
+                            raise ValueError(f"grow: init gives a {name} but the layer has none")
+                        out[name] = None
+                    elif name == first:
+                        out[name] = _rows_like(value, shapes[name], likes[name], "init weight")
+                    else:
+                        out[name] = _rows_like(torch.as_tensor(value), shapes[name], likes[name], f"init {name}")
+                return out
+            if callable(init):
+                out = {n: (likes[n].new_zeros(shapes[n]) if n in shapes else None) for n in params}
+                init(*out.values())
+                for name, value in out.items():
+                    if value is not None and value.shape != shapes[name]:
+                        raise ValueError("grow: the init callable must fill its tensors in place")
+                return out
+        raise TypeError(f"grow: init must be a str, tensor, tuple or callable, got {type(init).__name__}")
+
+    def _default_rows(self, k: int, shapes: dict, likes: dict) -> dict[str, Tensor | None]:
+        """Rows ``used .. used + k`` drawn as the layer initialises, reproducibly.
+
+        Drawn on the CPU from a generator seeded by the layer's seed and the first new row
+        (both the same on every DDP rank), then moved: the rows do not depend on the global
+        RNG at call time, nor on the device.
+        """
+        rows = {
+            name: (torch.empty(shapes[name], dtype=likes[name].dtype) if name in shapes else None)
+            for name in self._row_params()
+        }
+        if not self.weight.is_meta:
+            generator = torch.Generator().manual_seed(_row_seed(int(self._init_seed), self._rows.used))
+            self._draw_rows(rows, generator)
+        return {n: (r.to(likes[n].device) if r is not None else None) for n, r in rows.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def get_extra_state(self) -> Tensor:
+        # Tensors only, so safetensors, EMA loops and clone-all-values code take the state
+        # dict as it is: [slots in use, seed of init="default" rows].
+        seed = 0 if self._init_seed.is_meta else int(self._init_seed)
+        return torch.tensor([self._rows.used, seed], dtype=torch.int64)
+
+    def set_extra_state(self, state: Any) -> None:
+        used, seed = _read_extra_state(state)
+        if used > self.capacity:
+            raise ValueError(
+                f"{type(self).__name__}: checkpoint has {used} slots in use, "
+                f"more than this layer's capacity {self.capacity}"
+            )
+        self._loaded_used = used
+        if seed is not None:
+            if self._init_seed.is_meta:
+                self._init_seed = torch.tensor(seed, dtype=torch.int64, device=self.weight.device)
+            else:
+                with torch.no_grad():
+                    self._init_seed.fill_(seed)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        names = list(self._row_params())
+        first_key = prefix + names[0]
+        active_key, extra_key = prefix + "active", prefix + "_extra_state"
+        # Written before per-row step counts moved into the optimizer's state: dropped, so
+        # a strict load still accepts the checkpoint.
+        state_dict.pop(prefix + "row_start_step", None)
+        weight = state_dict.get(first_key)
+        if isinstance(weight, Tensor) and weight.dim() >= 1:
+            rows = weight.shape[0]
+            if active_key not in state_dict and extra_key not in state_dict:
+                # A stock layer's checkpoint (nn.Linear, nn.Embedding): every row is live.
+                state_dict[active_key] = torch.ones(rows, dtype=torch.bool, device=weight.device)
+                state_dict[extra_key] = torch.tensor([rows], dtype=torch.int64)
+            extra = state_dict.get(extra_key)
+            used = _read_extra_state(extra)[0] if extra is not None else None
+            if used is not None and used > self.capacity:
+                error_msgs.append(
+                    f"{type(self).__name__} {prefix or '(root)'}: checkpoint has {used} slots "
+                    f"in use, which does not fit this layer's capacity {self.capacity}"
+                )
+                return
+            if rows != self.capacity:
+                self._fit_rows_in_place(state_dict, prefix, names, rows)
+        self._loaded_used = None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        used = self._loaded_used
+        del self._loaded_used
+        if used is None:
+            return
+        if self._init_seed.is_meta:  # built on meta, loaded with assign=True
+            seed = int(torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64))
+            self._init_seed = torch.tensor(seed, dtype=torch.int64, device=self.weight.device)
+        self._rows.after_load(self, used)
+
+    def _fit_rows_in_place(self, state_dict: dict, prefix: str, names: list[str], rows: int) -> None:
+        """Rewrites a checkpoint's per-row tensors to this layer's capacity.
+
+        The first ``min(rows, capacity)`` rows come from the checkpoint; rows past the
+        checkpoint keep this layer's own values (zero if it has none yet, on meta) and are
+        not live.
+        """
+        keep = min(rows, self.capacity)
+        current = dict(self._row_params())
+        current["active"] = self.active
+        for name, own in current.items():
+            key = prefix + name
+            saved = state_dict.get(key)
+            if not isinstance(saved, Tensor) or own is None or saved.dim() != own.dim():
+                continue
+            if saved.shape[1:] != own.shape[1:]:
+                continue  # left for the usual size-mismatch error
+            fitted = saved.new_zeros((self.capacity, *saved.shape[1:]))
+            if name != "active" and not own.is_meta:
+                fitted.copy_(own.detach())
+            fitted[:keep].copy_(saved[:keep])
+            state_dict[key] = fitted
+
+
+def _read_extra_state(state: Any) -> tuple[int, int | None]:
+    """(slots in use, seed or None) from a tensor ``_extra_state`` or an older dict one."""
+    if isinstance(state, dict):  # written by growop 0.1
+        return int(state["out_features"]), None
+    values = torch.as_tensor(state).reshape(-1).tolist()
+    return int(values[0]), (int(values[1]) if len(values) > 1 else None)
+
+
+def _row_seed(layer_seed: int, first_row: int) -> int:
+    """A seed for the rows grown from ``first_row``: SplitMix64 of the pair.
+
+    Mixing (rather than adding) keeps the streams of neighbouring layers and grows apart.
+    """
+    z = (layer_seed + (first_row + 1) * 0x9E3779B97F4A7C15) & _UINT64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _UINT64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _UINT64
+    return z ^ (z >> 31)
+
+
+def _rows_like(value: Tensor, shape: tuple, like: Tensor, what: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"grow: {what} must be a tensor, got {type(value).__name__}")
+    if value.shape != shape and value.shape != shape[1:]:
+        raise ValueError(f"grow: {what} must have shape {shape} or {shape[1:]}, got {tuple(value.shape)}")
+    return value.detach().to(device=like.device, dtype=like.dtype).expand(shape).clone()
+
+
+def checked_int(value: Any, what: str, minimum: int) -> int:
+    """``value`` as an int ``>= minimum``; ``what`` names it in the error."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an int >= {minimum}, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return value
+
+
+def _other_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype != torch.float64 else torch.float32

@@ -1,0 +1,171 @@
+"""Layers sharing one row set: ``growop.grow_together`` (untied) and ``growop.tie``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import growop
+
+
+def heads(capacity=6, out=3, bias=True):
+    torch.manual_seed(0)
+    a = growop.GrowLinear(4, out, bias=bias, capacity=capacity, dtype=torch.float64)
+    b = growop.GrowLinear(7, out, bias=bias, capacity=capacity, dtype=torch.float64)
+    return a, b
+
+
+def assert_in_step(*layers):
+    first = layers[0]
+    for layer in layers:
+        assert layer.out_features == first.out_features
+        assert layer.capacity == first.capacity
+        assert torch.equal(layer.active, first.active)
+        assert layer._live_count == int(layer.active.sum())
+
+
+def train_step(optimizer, *layers):
+    optimizer.zero_grad()
+    loss = sum(layer(torch.randn(2, layer.in_features, dtype=torch.float64)).pow(2).sum() for layer in layers)
+    loss.backward()
+    optimizer.step()
+
+
+def test_grow_together_grows_every_member_with_its_own_rows():
+    a, b = heads()
+    growop.grow_together(a, b)
+    opt = torch.optim.Adam([*a.parameters(), *b.parameters()], lr=0.1)
+    train_step(opt, a, b)
+    assert b.grow(2, optimizer=opt) == range(3, 5)
+    assert_in_step(a, b)
+    assert a.out_features == 5 and a(torch.randn(1, 4, dtype=torch.float64)).shape == (1, 5)
+    # each member drew its own nn.Linear rows: bounded by its own fan-in
+    assert a.weight[3:5].abs().max() <= 1 / 4**0.5 and b.weight[3:5].abs().max() <= 1 / 7**0.5
+    assert not torch.equal(a.weight[3:5, :4], b.weight[3:5, :4])
+    for layer in (a, b):  # the optimizer state of the new rows of both layers is fresh
+        assert opt.state[layer.weight]["exp_avg"][3:5].abs().sum() == 0
+        assert opt.state[layer.weight]["row_start"]["step"][3:5].tolist() == [1, 1]
+    a.deactivate([1], optimizer=opt)
+    assert_in_step(a, b)
+    assert not b.active[1]
+    b.reactivate(1)
+    assert_in_step(a, b)
+    train_step(opt, a, b)
+
+
+def test_grow_together_past_capacity_reallocates_every_member():
+    a, b = heads(capacity=4)
+    growop.grow_together(a, b)
+    opt = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1, momentum=0.9)
+    train_step(opt, a, b)
+    weights = a.weight, b.weight
+    a.grow(3, optimizer=opt)
+    assert a.capacity == b.capacity > 4
+    assert (a.weight, b.weight) == weights  # same Parameter objects
+    assert opt.state[b.weight]["momentum_buffer"].shape == b.weight.shape
+    assert_in_step(a, b)
+    train_step(opt, a, b)
+
+
+def test_grow_together_without_optimizer_then_step_raises_for_every_member():
+    a, b = heads(capacity=4)
+    growop.grow_together(a, b)
+    opt = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    train_step(opt, b)
+    a.grow(3)
+    with pytest.raises(RuntimeError, match="resize_optimizer_state"):
+        train_step(opt, b)
+    a.resize_optimizer_state(opt)  # b's state, reached through a
+    train_step(opt, b)
+
+
+@pytest.mark.parametrize("change", ["capacity", "out", "mask"])
+def test_grow_together_refuses_layers_that_differ_and_changes_nothing(change):
+    a, b = heads()
+    other = {"capacity": lambda: heads(capacity=7)[1], "out": lambda: heads(out=2)[1]}
+    if change == "mask":
+        b.deactivate(0)
+    else:
+        b = other[change]()
+    with pytest.raises(ValueError, match={"capacity": "capacities", "out": "slots", "mask": "live rows"}[change]):
+        growop.grow_together(a, b)
+    a.grow(1)
+    assert b.out_features != a.out_features
+
+
+def test_grow_together_refuses_non_growop_layers():
+    a, _ = heads()
+    with pytest.raises(TypeError, match="Linear"):
+        growop.grow_together(a, nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="two"):
+        growop.grow_together(a)
+
+
+def test_grow_together_is_transitive():
+    a, b = heads()
+    c = growop.GrowLinear(2, 3, capacity=6)
+    growop.grow_together(a, b)
+    growop.grow_together(c, b)
+    c.grow(1)
+    assert_in_step(a, b, c)
+
+
+def tied_pair(capacity=6):
+    torch.manual_seed(0)
+    source = growop.GrowLinear(5, 3, capacity=capacity, dtype=torch.float64)
+    target = growop.GrowLinear(5, 3, bias=False, capacity=capacity, dtype=torch.float64)
+    growop.tie(source, target)
+    return source, target
+
+
+def test_tie_shares_the_weight_parameter_and_rows():
+    source, target = tied_pair()
+    assert target.weight is source.weight
+    model = nn.ModuleList([source, target])
+    assert len(list(model.parameters())) == 2  # shared weight + source's bias
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    train_step(opt, source, target)
+    target.grow(2, optimizer=opt)
+    assert_in_step(source, target)
+    state = opt.state[source.weight]
+    assert state["exp_avg"][3:5].abs().sum() == 0
+    assert state["row_start"]["step"].tolist() == [0, 0, 0, 1, 1, 0]
+    x = torch.randn(2, 5, dtype=torch.float64)
+    torch.testing.assert_close(target(x), source(x) - source.bias[:5])
+    target.grow(3, optimizer=opt)  # past capacity: one reallocation of the shared weight
+    assert target.weight is source.weight and source.capacity == target.capacity > 6
+    assert state is opt.state[source.weight] and opt.state[source.weight]["exp_avg"].shape == source.weight.shape
+    train_step(opt, source, target)
+
+
+def test_tie_refuses_mismatched_shapes_and_changes_nothing():
+    a = growop.GrowLinear(5, 3, capacity=6)
+    b = growop.GrowLinear(4, 3, capacity=6)
+    weight = b.weight
+    with pytest.raises(ValueError, match=r"\(6, 5\).*\(6, 4\)"):
+        growop.tie(a, b)
+    assert b.weight is weight
+    a.grow(1)
+    assert b.out_features == 3
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_tied_pair_state_dict_round_trip_keeps_the_tie(assign):
+    source, target = tied_pair()
+    source.grow(2)
+    source.deactivate(1)
+    saved = nn.ModuleList([source, target]).state_dict()
+    device = "meta" if assign else None
+    with torch.device(device or "cpu"):
+        new_source = growop.GrowLinear(5, 1, capacity=6, dtype=torch.float64)
+        new_target = growop.GrowLinear(5, 1, bias=False, capacity=6, dtype=torch.float64)
+    growop.tie(new_source, new_target)
+    nn.ModuleList([new_source, new_target]).load_state_dict(saved, assign=assign)
+    assert new_target.weight is new_source.weight
+    assert_in_step(new_source, new_target)
+    assert new_source.active.tolist() == source.active.tolist()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    torch.testing.assert_close(new_target(x), target(x))
+    new_target.grow(1)
+    assert_in_step(new_source, new_target)
