@@ -6,10 +6,12 @@ graphs stay as they are. Compute follows the live rows, not the capacity.
 """
 
 from growop import ops
+from growop.embedding import GrowEmbedding
 from growop.functional import masked_linear
 from growop.modules import GrowLinear, default_capacity
 from growop.rows import grow_together, tie
 
 __all__ = ["GrowLinear", "default_capacity", "masked_linear", "ops"]
 __all__ += ["grow_together", "tie"]
+__all__ += ["GrowEmbedding"]
 __version__ = "0.1.0"
