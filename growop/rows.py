@@ -107,6 +107,8 @@ class RowSet:
         # rows of the first member that holds it (the tie's source).
         new_rows: dict[int, tuple[Tensor, Tensor]] = {}
         for member in self.members:
+            if all(p is None or id(p) in new_rows for p in member._row_params().values()):
+                continue  # a tied member: its source made the rows of every Parameter it holds
             for name, rows in member._initial_rows(k, init).items():
                 param = member._row_params()[name]
                 if param is not None and rows is not None:
@@ -471,16 +473,15 @@ class GrowRows(nn.Module):
                 if init == "zeros":
                     return {n: (likes[n].new_zeros(shapes[n]) if n in shapes else None) for n in params}
                 if init == "mean":
-                    live = self.active.nonzero().squeeze(1)
-                    if live.numel() == 0:
+                    if self._rows.live == 0:
                         raise ValueError("grow(init='mean') needs at least one live row")
                     out = {}
                     for name, p in params.items():
                         if p is None:
                             out[name] = None
                             continue
-                        whole = distributed.full(p.detach()).index_select(0, live.to(likes[name].device))
-                        out[name] = whole.mean(0).expand(shapes[name]).clone()
+                        mean = _live_mean(distributed.full(p.detach()), self.active, self._rows)
+                        out[name] = mean.expand(shapes[name]).clone()
                     return out
                 raise ValueError(
                     f"grow: unknown init {init!r}; expected 'default', 'zeros', 'mean', "
@@ -614,6 +615,16 @@ class GrowRows(nn.Module):
                 fitted.copy_(own.detach())
             fitted[:keep].copy_(saved[:keep])
             state_dict[key] = fitted
+
+
+def _live_mean(rows: Tensor, active: Tensor, row_set: RowSet) -> Tensor:
+    """The mean of the live rows in one pass, without copying them (a vocabulary-sized
+    weight is gigabytes): the prefix's mean when every slot in use is live, else the
+    mask-weighted sum over the live count."""
+    if row_set.live == row_set.used:
+        return rows[: row_set.used].mean(0)
+    weights = active.to(device=rows.device, dtype=rows.dtype)
+    return torch.tensordot(weights, rows, dims=1) / row_set.live
 
 
 def _read_extra_state(state: Any) -> tuple[int, int | None]:
