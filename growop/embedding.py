@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parameter import Parameter
+from torch.nn.utils import skip_init
 
 from growop.rows import GrowRows, checked_int, default_capacity
 
@@ -141,7 +142,10 @@ class GrowEmbedding(GrowRows, nn.Embedding):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, capacity: int | None = None) -> GrowEmbedding:
-        """A ``GrowEmbedding`` with ``embedding``'s rows, all live, on its device and dtype."""
+        """A ``GrowEmbedding`` with ``embedding``'s rows, all live, on its device and dtype.
+
+        Rows past them are zero until grown (``grow`` writes each new row's values).
+        """
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
         if embedding.sparse:
@@ -150,19 +154,25 @@ class GrowEmbedding(GrowRows, nn.Embedding):
                 "support (see GrowEmbedding); set embedding.sparse = False first"
             )
         weight = embedding.weight
-        layer = cls(
-            embedding.num_embeddings,
+        rows = embedding.num_embeddings
+        # Built without drawing rows (a vocabulary-sized weight takes seconds to draw): the
+        # live rows are copied and the rest zeroed, each written once.
+        layer = skip_init(
+            cls,
+            rows,
             embedding.embedding_dim,
             embedding.padding_idx,
             capacity=capacity,
             device=weight.device,
             dtype=weight.dtype,
         )
+        layer._reset_rows()
         layer.max_norm = embedding.max_norm
         layer.norm_type = embedding.norm_type
         layer.scale_grad_by_freq = embedding.scale_grad_by_freq
         with torch.no_grad():
-            layer.weight[: embedding.num_embeddings].copy_(weight)
+            layer.weight[:rows].copy_(weight)
+            layer.weight[rows:].zero_()
         layer.weight.requires_grad_(weight.requires_grad)
         return layer
 

@@ -19,6 +19,7 @@ import types
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 try:
     from transformers import PreTrainedModel
@@ -76,12 +77,11 @@ def make_growable(
 
     grow_embedding = GrowEmbedding.from_embedding(embedding, capacity=capacity)
     grow_head = None
-    if head is not None:
+    if head is not None and tied:
+        grow_head = _tied_head(head, grow_embedding, static_shape)
+    elif head is not None:
         grow_head = GrowLinear.from_linear(head, capacity=capacity, static_shape=static_shape)
-        if tied:
-            growop.tie(grow_embedding, grow_head)
-        else:
-            growop.grow_together(grow_embedding, grow_head)
+        growop.grow_together(grow_embedding, grow_head)
     model.set_input_embeddings(grow_embedding)
     if grow_head is not None:
         model.set_output_embeddings(grow_head)
@@ -188,6 +188,32 @@ def to_plain(model: PreTrainedModel) -> PreTrainedModel:
     model.__dict__.pop("resize_token_embeddings", None)
     _sync_vocab_size(model)
     return model
+
+
+def _tied_head(head: nn.Linear, embedding: GrowEmbedding, static_shape: bool) -> GrowLinear:
+    """A GrowLinear tied to ``embedding``, built without a weight of its own.
+
+    ``skip_init`` leaves the head's own ``(capacity, d)`` weight unwritten (so, on Linux,
+    never backed by memory) until ``tie`` drops it for the embedding's Parameter.
+    """
+    weight = embedding.weight
+    grow_head = skip_init(
+        GrowLinear,
+        head.in_features,
+        head.out_features,
+        bias=head.bias is not None,
+        capacity=embedding.capacity,
+        static_shape=static_shape,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    grow_head._reset_rows()
+    if head.bias is not None:
+        with torch.no_grad():
+            grow_head.bias[: head.out_features].copy_(head.bias)
+            grow_head.bias[head.out_features :].zero_()
+    growop.tie(embedding, grow_head)
+    return grow_head
 
 
 def _reserve(embedding: GrowEmbedding, capacity: int, optimizer) -> None:
