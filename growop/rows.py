@@ -619,12 +619,11 @@ class GrowRows(nn.Module):
 
 def _live_mean(rows: Tensor, active: Tensor, row_set: RowSet) -> Tensor:
     """The mean of the live rows in one pass, without copying them (a vocabulary-sized
-    weight is gigabytes): the prefix's mean when every slot in use is live, else the
-    mask-weighted sum over the live count."""
-    if row_set.live == row_set.used:
-        return rows[: row_set.used].mean(0)
-    weights = active.to(device=rows.device, dtype=rows.dtype)
-    return torch.tensordot(weights, rows, dims=1) / row_set.live
+    weight is gigabytes): the mask-weighted sum of the slots in use (a matrix-vector
+    product, several times faster than a reduction over rows) over the live count."""
+    used = row_set.used
+    weights = active[:used].to(device=rows.device, dtype=rows.dtype)
+    return (weights @ rows[:used]) / row_set.live
 
 
 def _read_extra_state(state: Any) -> tuple[int, int | None]:
