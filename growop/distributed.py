@@ -67,6 +67,28 @@ def reallocation_error(capacity: int, needed: int, params: list[Tensor], allow: 
     return None
 
 
+def check_not_flattened(params: list[Tensor]) -> None:
+    """Refuses row tensors that are not Parameters the layer owns.
+
+    FSDP1 (``FullyShardedDataParallel``) replaces a wrapped module's parameters with views
+    into its flat parameter, freed between forwards; a parametrization (``orthogonal``,
+    ``spectral_norm``) makes ``weight`` a tensor computed from another. Writing rows into
+    either would be lost or land in storage that is not the parameter. FSDP2
+    (``fully_shard``) keeps each parameter whole as a DTensor and is supported.
+    """
+    for param in params:
+        if not isinstance(param, torch.nn.Parameter) or getattr(param, "_fsdp_flattened", False):
+            raise RuntimeError(
+                f"growop: this layer's {tuple(param.shape)} row tensor is not a Parameter it "
+                "owns: FSDP1 (FullyShardedDataParallel) has flattened it, or a "
+                "parametrization (orthogonal, spectral_norm) computes it from another tensor. "
+                "Rows cannot be grown, masked or unmasked in place. Grow before wrapping or "
+                "parametrizing (or remove the parametrization, grow, and apply it again); for "
+                "sharding use FSDP2 (torch.distributed.fsdp.fully_shard), which growop "
+                "supports. Nothing has been changed."
+            )
+
+
 def local(tensor: Tensor) -> Tensor:
     """This process's part of ``tensor`` (the tensor itself unless it is a DTensor)."""
     return tensor.to_local() if is_sharded(tensor) else tensor

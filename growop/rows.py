@@ -95,6 +95,7 @@ class RowSet:
     def grow(self, k: int, init: RowInit, optimizer, allow_reallocation: bool) -> range:
         k = checked_int(k, "grow: k", 1)
         params = self.params()
+        distributed.check_not_flattened(params)
         optim.check_holds(optimizer, params)
         start, stop = self.used, self.used + k
         if stop > self.capacity:
@@ -128,6 +129,7 @@ class RowSet:
     def deactivate(self, rows: Rows, optimizer) -> None:
         index = self.row_index(rows, "deactivate")
         params = self.params()
+        distributed.check_not_flattened(params)
         optim.check_holds(optimizer, params)
         self._write_mask(index, False)
         self._set_counts(self.used, self._count_live())
@@ -137,6 +139,7 @@ class RowSet:
     def reactivate(self, rows: Rows, optimizer) -> None:
         index = self.row_index(rows, "reactivate")
         params = self.params()
+        distributed.check_not_flattened(params)
         optim.check_holds(optimizer, params)
         self._write_mask(index, True)
         self._set_counts(self.used, self._count_live())

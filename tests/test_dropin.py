@@ -1,0 +1,292 @@
+"""What users' own code does to an nn.Linear, done to a GrowLinear.
+
+One regression test per problem found by treating GrowLinear as an nn.Linear: deferred
+initialisation, meta-device loading, tensor-only state dicts, swap-on-conversion, stale
+optimizer state, and the tools that target nn.Linear by type.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+import growop
+from growop import GrowLinear
+
+
+def grown_layer(seed=0, capacity=8):
+    torch.manual_seed(seed)
+    layer = GrowLinear(5, 3, capacity=capacity)
+    layer.grow(2)
+    layer.deactivate(1)
+    return layer
+
+
+def assert_constructed_state(layer: GrowLinear):
+    """Mask, live count and seed as a constructor leaves them."""
+    assert layer.active.tolist() == [i < layer.out_features for i in range(layer.capacity)]
+    assert layer._live_count == layer.out_features == int(layer.active.sum())
+    assert torch.isfinite(layer.weight).all()
+    assert 0 <= int(layer._init_seed) < torch.iinfo(torch.int64).max
+
+
+# ------------------------------------------------------------------ optimizer state
+
+
+def test_masking_after_a_grow_past_capacity_zeroes_stale_state():
+    layer = GrowLinear(5, 2, capacity=2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(4, 5)).pow(2).sum().backward()
+        opt.step()
+    layer.grow(1)  # past capacity, without the optimizer: state keeps 2 rows
+    layer.deactivate([0], optimizer=opt)  # brings the state to size, then zeroes row 0
+    layer.resize_optimizer_state(opt)
+    assert opt.state[layer.weight]["momentum_buffer"].shape == layer.weight.shape
+    before = layer.weight[0].detach().clone()
+    opt.zero_grad()
+    layer(torch.randn(4, 5)).pow(2).sum().backward()
+    opt.step()
+    assert torch.equal(layer.weight[0], before), "a masked row moved with stale momentum"
+
+
+# ------------------------------------------------------------------ deferred initialisation
+
+
+def test_to_empty_then_reset_parameters_leaves_a_constructed_layer():
+    with torch.device("meta"):
+        layer = GrowLinear(5, 3, capacity=8)
+    layer.to_empty(device="cpu")
+    layer.active.fill_(True)  # what uninitialised memory may hold
+    layer._init_seed.fill_(-5)
+    layer.reset_parameters()
+    assert_constructed_state(layer)
+    out = layer(torch.randn(2, 5))
+    assert torch.isfinite(out).all() and out.shape == (2, 3)
+    assert layer.grow(1) == range(3, 4)
+
+
+def test_reset_parameters_after_grows_makes_every_slot_live_again():
+    layer = grown_layer()
+    layer.reset_parameters()
+    assert layer.out_features == 5
+    assert_constructed_state(layer)
+
+
+# ------------------------------------------------------------------ meta-device loading
+
+
+def test_meta_build_then_assign_load_of_an_nn_linear_checkpoint_then_grow():
+    torch.manual_seed(1)
+    linear = nn.Linear(5, 4)
+    with torch.device("meta"):
+        layer = GrowLinear(5, 1, capacity=8)
+    layer.load_state_dict(linear.state_dict(), assign=True)
+    assert not layer.weight.is_meta and not layer.active.is_meta and not layer._init_seed.is_meta
+    assert isinstance(layer.weight, nn.Parameter)
+    assert layer.out_features == 4 and layer._live_count == 4 and layer.capacity == 8
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(layer(x), linear(x))
+    layer.grow(2)
+    assert layer(x).shape == (3, 6) and torch.isfinite(layer(x)).all()
+
+
+def test_meta_build_then_assign_load_of_a_growlinear_checkpoint_then_grow():
+    source = grown_layer(capacity=8)
+    with torch.device("meta"):
+        layer = GrowLinear(5, 1, capacity=8)
+    layer.load_state_dict(source.state_dict(), assign=True)
+    assert layer._live_count == 4 and layer.out_features == 5
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(layer(x), source(x))
+    # the seed came with the checkpoint: both grow the same rows
+    layer.grow(1)
+    source.grow(1)
+    torch.testing.assert_close(layer(x), source(x))
+
+
+# ------------------------------------------------------------------ tensor-only state dicts
+
+
+def test_state_dict_holds_tensors_only():
+    state = grown_layer().state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values()), {k: type(v) for k, v in state.items()}
+    cloned = {k: v.detach().clone() for k, v in state.items()}
+    fresh = GrowLinear(5, 1, capacity=8)
+    fresh.load_state_dict(cloned)
+    assert fresh.out_features == 5 and fresh._live_count == 4
+
+
+def test_state_dict_survives_safetensors():
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    source = grown_layer()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "layer.safetensors")
+        safetensors_torch.save_file(source.state_dict(), path)
+        loaded = safetensors_torch.load_file(path)
+    target = GrowLinear(5, 1, capacity=8)
+    target.load_state_dict(loaded)
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(target(x), source(x))
+
+
+def test_ema_loop_over_state_dict_values():
+    model = nn.Sequential(nn.Linear(4, 5), grown_layer())
+    ema = copy.deepcopy(model)
+    with torch.no_grad():  # timm ModelEmaV2's update
+        for ema_v, model_v in zip(ema.state_dict().values(), model.state_dict().values()):
+            ema_v.copy_(ema_v * 0.9 + (1 - 0.9) * model_v if ema_v.is_floating_point() else model_v)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(ema(x), model(x))
+
+
+def test_checkpoint_with_a_dict_extra_state_loads_strictly():
+    source = grown_layer()
+    state = dict(source.state_dict())
+    state["_extra_state"] = {"out_features": 5, "version": 1}  # as growop 0.1 wrote it
+    target = GrowLinear(5, 1, capacity=8)
+    target.load_state_dict(state, strict=True)
+    assert target.out_features == 5 and target._live_count == 4
+
+
+# ------------------------------------------------------------------ swap on conversion
+
+
+@pytest.fixture
+def swap_on_conversion():
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
+def test_to_after_a_grow_past_capacity_with_swap_on_conversion(swap_on_conversion):
+    layer = GrowLinear(5, 2, capacity=2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    layer(torch.randn(3, 5)).sum().backward()
+    opt.step()
+    layer.grow(3)  # past capacity, no optimizer
+    layer.zero_grad(set_to_none=True)
+    layer.to(torch.float64)
+    assert layer.weight.dtype == torch.float64
+    assert layer(torch.randn(2, 5, dtype=torch.float64)).shape == (2, 5)
+
+
+# ------------------------------------------------------------------ tools that target nn.Linear
+
+
+def test_is_an_nn_linear_and_init_loops_reach_it():
+    model = nn.Sequential(nn.Linear(4, 5), GrowLinear(5, 3, capacity=6))
+    assert isinstance(model[1], nn.Linear)
+
+    def init(module):
+        if isinstance(module, nn.Linear):
+            nn.init.constant_(module.weight, 0.5)
+            nn.init.zeros_(module.bias)
+
+    model.apply(init)
+    assert (model[1].weight == 0.5).all()
+    assert model[1].out_features == 3 and model[1](torch.randn(2, 5)).shape == (2, 3)
+
+
+def test_fsdp_module_wrap_policy_targets_it():
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    model = nn.Sequential(nn.Linear(4, 5), GrowLinear(5, 3, capacity=6))
+    wrapped = ModuleWrapPolicy({nn.Linear})._run_policy(model, set(), {})
+    assert model[1] in wrapped
+
+
+def test_fsdp1_flattened_parameters_are_refused_clearly():
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    with tempfile.TemporaryDirectory() as folder:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
+        try:
+            model = nn.Sequential(nn.Linear(4, 5), GrowLinear(5, 3, capacity=6))
+            head = model[1]
+            fsdp = FullyShardedDataParallel(
+                model, auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), device_id=torch.device("cpu")
+            )
+            fsdp(torch.randn(2, 4))
+            with pytest.raises(RuntimeError, match="FSDP1.*fully_shard"):
+                head.grow(1)
+            assert head.out_features == 3 and head._live_count == 3
+        finally:
+            dist.destroy_process_group()
+
+
+def test_quantize_dynamic_leaves_it_in_float_and_correct():
+    model = nn.Sequential(nn.Linear(4, 5), grown_layer())
+    x = torch.randn(2, 4)
+    expected = model(x)
+    for spec in (None, {nn.Linear}, {GrowLinear}):
+        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), spec, dtype=torch.qint8)
+        assert type(quantized[1]) is GrowLinear
+        assert quantized[1](model[0](x)).shape == expected.shape
+        torch.testing.assert_close(quantized[1](model[0](x)), expected)
+
+
+def test_peft_lora_wraps_it_and_refuses_to_run_across_a_grow():
+    peft = pytest.importorskip("peft")
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(6, 5)
+            self.head = GrowLinear(5, 3, capacity=6)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Model(), peft.LoraConfig(target_modules=["head"], r=2, init_lora_weights=False))
+    lora = model.base_model.model.head
+    base = lora.base_layer
+    assert isinstance(base, GrowLinear)
+    x = torch.randn(2, 6)
+    body = model.base_model.model.body
+    expected = base(body(x)) + lora.lora_B["default"](lora.lora_A["default"](body(x))) * lora.scaling["default"]
+    torch.testing.assert_close(model(x), expected)
+    base.grow(1)  # the adapter's lora_B still has 3 outputs: an error, never a wrong result
+    with pytest.raises(RuntimeError, match="size"):
+        model(x)
+    with pytest.raises(RuntimeError, match="size"):
+        model.merge_and_unload()
+
+
+# ------------------------------------------------------------------ documented limits
+
+
+def test_parametrized_weight_constrains_the_whole_capacity_and_refuses_to_grow():
+    layer = GrowLinear(6, 2, capacity=4)
+    nn.utils.parametrizations.orthogonal(layer)
+    weight = layer.weight
+    torch.testing.assert_close(weight @ weight.T, torch.eye(4), atol=1e-5, rtol=0)  # all 4 rows
+    with pytest.raises(RuntimeError, match="parametrization"):
+        layer.grow(1)
+    assert layer.out_features == 2
+
+
+def test_pruning_amount_counts_dead_rows():
+    layer = GrowLinear(4, 2, capacity=8)
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+    assert int((layer.weight_mask == 0).sum()) == 16  # half of 8 x 4, not of the 2 live rows
+
+
+def test_trace_works_and_script_is_refused():
+    layer = GrowLinear(4, 3, capacity=6)
+    x = torch.randn(2, 4)
+    traced = torch.jit.trace(layer, x)
+    torch.testing.assert_close(traced(x), layer(x))
+    with pytest.raises(Exception):
+        torch.jit.script(layer)
