@@ -1,10 +1,8 @@
 """GrowLinear under data-parallel training: DDP (wrapped once) and FSDP2, on CPU with gloo.
 
-Each real test starts two fresh processes (spawn) joined in a gloo group through a
-``FileStore`` in the test's tmp dir, with gloo bound to the loopback interface: no port is
-picked, nothing listens beyond 127.0.0.1. Every collective times out after
-``COLLECTIVE_TIMEOUT`` seconds and every test after ``TEST_TIMEOUT``, so a hang fails the
-test instead of blocking CI. Workers save what they saw; the assertions run here.
+Each real test starts two fresh processes (``run_on_ranks`` in ``conftest.py``: spawn, a
+gloo group on the loopback interface, timeouts so a hang fails the test). Workers save what
+they saw; the assertions run here.
 
 The training is the same everywhere (:func:`train`): a few steps on 3 classes, every rank
 grows 2 output rows with its global RNG deliberately different from the others', a few
@@ -14,27 +12,20 @@ training on the whole batch.
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import growop.distributed
+from conftest import WORLD_SIZE, run_on_ranks
 from growop import GrowLinear
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
-WORLD_SIZE = 2
-COLLECTIVE_TIMEOUT = 20  # seconds
-TEST_TIMEOUT = 45  # seconds, for the whole spawn-run-join of one test
 
 IN, HIDDEN, CLASSES, NEW, CAPACITY, BATCH, STEPS = 5, 8, 3, 2, 6, 8, 3
 # Final weights of data-parallel and single-process training agree to this (float32).
@@ -105,57 +96,6 @@ def reference(grow=None) -> dict:
 def half_batch(rank: int) -> slice:
     size = BATCH // WORLD_SIZE
     return slice(rank * size, (rank + 1) * size)
-
-
-# ----------------------------------------------------------------------------- process harness
-
-
-def _loopback_interface() -> str | None:
-    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
-
-
-def _worker(rank: int, scenario, store_path: str, out_dir: str) -> None:
-    interface = _loopback_interface()
-    if interface is not None:
-        os.environ["GLOO_SOCKET_IFNAME"] = interface
-    torch.set_num_threads(1)  # two processes share the cores
-    dist.init_process_group(
-        "gloo",
-        store=dist.FileStore(store_path, WORLD_SIZE),
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT),
-    )
-    result = scenario(rank)
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    dist.barrier()  # no rank tears the group down while another still uses it
-    dist.destroy_process_group()
-
-
-def run_on_ranks(scenario, tmp_path: Path) -> list[dict]:
-    """Runs ``scenario(rank) -> dict`` in WORLD_SIZE processes; returns each rank's dict.
-
-    A worker's exception fails the test with its traceback; a hang fails it after
-    TEST_TIMEOUT seconds, with the workers killed.
-    """
-    context = mp.start_processes(
-        _worker,
-        args=(scenario, str(tmp_path / "store"), str(tmp_path)),
-        nprocs=WORLD_SIZE,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TEST_TIMEOUT
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"{scenario.__name__} did not finish in {TEST_TIMEOUT} s (a collective hung?)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 
 def assert_matches_reference(results: list[dict], expected: dict) -> None:

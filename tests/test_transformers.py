@@ -268,3 +268,56 @@ def test_to_plain_refuses_deactivated_tokens():
     with pytest.raises(ValueError, match=r"tokens \[4\] are deactivated"):
         to_plain(model)
     assert isinstance(model.get_input_embeddings(), growop.GrowEmbedding)
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+DDP_VOCAB, DDP_NEW = 60, 4
+
+
+def _ddp_batches() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    before = torch.randint(0, DDP_VOCAB, (4, 12), generator=gen)
+    after = torch.randint(0, DDP_VOCAB + DDP_NEW, (4, 12), generator=gen)
+    return before, after
+
+
+def _ddp_train(model, opt, resize, rows=slice(None)) -> None:
+    before, after = _ddp_batches()
+    for x in (before, before, None, after, after):
+        if x is None:
+            resize(DDP_VOCAB + DDP_NEW, optimizer=opt)
+            continue
+        opt.zero_grad()
+        model(input_ids=x[rows], labels=x[rows]).loss.backward()
+        opt.step()
+
+
+def ddp_resize_within_capacity(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(rank)  # ranks start different: wrapping broadcasts rank 0's weights
+    inner = make_growable(MODELS["llama_tied"](DDP_VOCAB))
+    model = DDP(inner)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    params = [(p, p.data_ptr()) for p in inner.parameters()]
+    _ddp_train(model, opt, inner.resize_token_embeddings, rows=slice(2 * rank, 2 * rank + 2))
+    assert [(p, p.data_ptr()) for p in inner.parameters()] == params  # no re-wrap needed
+    return {k: v for k, v in inner.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def test_ddp_resize_within_capacity_matches_single_process(tmp_path):
+    from conftest import run_on_ranks
+
+    # Each process imports transformers first: allow for it on a loaded machine.
+    results = run_on_ranks(ddp_resize_within_capacity, tmp_path, timeout=150)
+    torch.manual_seed(0)
+    model = make_growable(MODELS["llama_tied"](DDP_VOCAB))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _ddp_train(model, opt, model.resize_token_embeddings)
+    expected = model.state_dict()
+    assert model.get_input_embeddings().num_embeddings == DDP_VOCAB + DDP_NEW
+    for rank, state in enumerate(results):
+        for key, value in state.items():
+            torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=f"rank {rank}: {key}")
