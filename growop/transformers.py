@@ -88,6 +88,10 @@ def make_growable(
     # An instance attribute, so the model keeps its class (and save_pretrained its
     # architecture name); to_plain removes it.
     model.resize_token_embeddings = types.MethodType(resize_token_embeddings, model)
+    # A checkpoint of a grown model changes the live vocabulary: config follows it.
+    model._growop_load_hook = model.register_load_state_dict_post_hook(
+        lambda module, incompatible: _sync_vocab_size(module)
+    )
     _sync_vocab_size(model)
     return model
 
@@ -186,6 +190,9 @@ def to_plain(model: PreTrainedModel) -> PreTrainedModel:
     if plain_head is not None:
         model.set_output_embeddings(plain_head)
     model.__dict__.pop("resize_token_embeddings", None)
+    hook = model.__dict__.pop("_growop_load_hook", None)
+    if hook is not None:
+        hook.remove()
     _sync_vocab_size(model)
     return model
 

@@ -255,7 +255,7 @@ def test_to_plain_save_pretrained_from_pretrained_round_trip(name, tokenizer, tm
     assert type(embedding) is nn.Embedding and type(head) is nn.Linear
     assert is_tied(model) == tied
     assert model.config.vocab_size == len(tokenizer) + 3
-    assert "resize_token_embeddings" not in model.__dict__
+    assert "resize_token_embeddings" not in model.__dict__ and "_growop_load_hook" not in model.__dict__
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert is_tied(loaded) == tied
@@ -321,3 +321,24 @@ def test_ddp_resize_within_capacity_matches_single_process(tmp_path):
     for rank, state in enumerate(results):
         for key, value in state.items():
             torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=f"rank {rank}: {key}")
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "llama_untied"])
+def test_state_dict_of_a_grown_model_loads_into_a_growable_one(name):
+    torch.manual_seed(0)
+    model = make_growable(MODELS[name](50), capacity=64)
+    model.resize_token_embeddings(55)
+    model.get_input_embeddings().deactivate([7])
+    state = model.state_dict()
+    other = make_growable(MODELS[name](50), capacity=64)
+    other.load_state_dict(state)
+    embedding = other.get_input_embeddings()
+    assert embedding.num_embeddings == other.get_output_embeddings().out_features == 55
+    assert is_tied(other) == (name == "llama_tied")
+    assert other.config.vocab_size == 55
+    x = torch.tensor([[1, 54, 3]])
+    got, want = other(input_ids=x, labels=x), model(input_ids=x, labels=x)
+    torch.testing.assert_close(got.logits, want.logits)
+    torch.testing.assert_close(got.loss, want.loss)
+    with pytest.raises(IndexError, match="id 7 is a deactivated row"):
+        embedding(torch.tensor([7]))
