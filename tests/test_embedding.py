@@ -344,3 +344,13 @@ def test_untied_pair_grows_together_each_with_its_own_rows():
     head.deactivate(3)
     with pytest.raises(IndexError):
         emb(ids(3))
+
+
+def test_compiled_lookup_asserts_on_the_device_instead_of_syncing():
+    emb = make()
+    emb.deactivate([4])
+    compiled = torch.compile(emb, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(ids(1, 9)), emb.weight[[1, 9]])
+    for bad in (4, V, -1):
+        with pytest.raises(RuntimeError, match="out of range or not live"):
+            compiled(ids(1, bad))
