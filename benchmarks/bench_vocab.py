@@ -30,7 +30,6 @@ import argparse
 import csv
 import datetime
 import gc
-import platform
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import growop  # noqa: E402
+from bench_linear import machine  # noqa: E402  (this folder is on sys.path)
 from growop.demo_vocab import measure_allocations  # noqa: E402
 from growop.transformers import make_growable  # noqa: E402
 
@@ -122,16 +121,6 @@ def bench_growop(vocab: int, dim: int, add: int, repeats: int) -> dict[str, dict
     del model, embedding, param
     gc.collect()
     return out
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def mib(n: int) -> str:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import Parameter
 from torch.nn.utils import skip_init
 
-from growop.rows import GrowRows, checked_int, default_capacity
+from growop.rows import GrowRows, checked_int, resolved_capacity
 
 
 class GrowEmbedding(GrowRows, nn.Embedding):
@@ -71,15 +71,7 @@ class GrowEmbedding(GrowRows, nn.Embedding):
         nn.Module.__init__(self)  # not nn.Embedding.__init__: it allocates num_embeddings rows
         num_embeddings = checked_int(num_embeddings, "GrowEmbedding: num_embeddings", 0)
         embedding_dim = checked_int(embedding_dim, "GrowEmbedding: embedding_dim", 0)
-        capacity = (
-            default_capacity(num_embeddings)
-            if capacity is None
-            else checked_int(capacity, "GrowEmbedding: capacity", 0)
-        )
-        if capacity < num_embeddings:
-            raise ValueError(
-                f"GrowEmbedding: capacity ({capacity}) must be >= num_embeddings ({num_embeddings})"
-            )
+        capacity = resolved_capacity(capacity, num_embeddings, "GrowEmbedding", "num_embeddings")
         if padding_idx is not None:
             padding_idx = checked_int(padding_idx, "GrowEmbedding: padding_idx", -num_embeddings)
             if padding_idx < 0:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import Parameter
 
 from growop import functional
-from growop.rows import GrowRows, checked_int, default_capacity
+from growop.rows import GrowRows, checked_int, default_capacity, resolved_capacity
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -76,15 +76,7 @@ class GrowLinear(GrowRows, nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it allocates out_features rows
         in_features = checked_int(in_features, "GrowLinear: in_features", 0)
         out_features = checked_int(out_features, "GrowLinear: out_features", 0)
-        capacity = (
-            default_capacity(out_features)
-            if capacity is None
-            else checked_int(capacity, "GrowLinear: capacity", 0)
-        )
-        if capacity < out_features:
-            raise ValueError(
-                f"GrowLinear: capacity ({capacity}) must be >= out_features ({out_features})"
-            )
+        capacity = resolved_capacity(capacity, out_features, "GrowLinear", "out_features")
         resolved_dtype = torch.get_default_dtype() if dtype is None else dtype
         if resolved_dtype not in SUPPORTED_DTYPES:
             raise TypeError(

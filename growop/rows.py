@@ -43,6 +43,16 @@ def default_capacity(out_features: int) -> int:
     return out_features + max(8, math.ceil(out_features / 4))
 
 
+def resolved_capacity(capacity: int | None, used: int, owner: str, used_name: str) -> int:
+    """``capacity`` checked to hold the ``used`` rows, or :func:`default_capacity` of them."""
+    if capacity is None:
+        return default_capacity(used)
+    capacity = checked_int(capacity, f"{owner}: capacity", 0)
+    if capacity < used:
+        raise ValueError(f"{owner}: capacity ({capacity}) must be >= {used_name} ({used})")
+    return capacity
+
+
 class RowSet:
     """The rows that one or more layers grow together.
 

@@ -14,7 +14,6 @@ This is the only growop module that imports ``transformers``.
 from __future__ import annotations
 
 import math
-import operator
 import types
 
 import torch
@@ -32,8 +31,11 @@ import growop
 from growop import distributed, optim
 from growop.embedding import GrowEmbedding
 from growop.modules import GrowLinear, default_capacity
+from growop.rows import checked_int
 
 __all__ = ["make_growable", "resize_token_embeddings", "to_plain"]
+
+_RESIZE = "resize_token_embeddings"
 
 
 def make_growable(
@@ -128,7 +130,7 @@ def resize_token_embeddings(
     live = embedding.num_embeddings
     if new_num_tokens is None and pad_to_multiple_of is None:
         return embedding
-    new = live if new_num_tokens is None else _checked_count(new_num_tokens, "new_num_tokens")
+    new = live if new_num_tokens is None else checked_int(new_num_tokens, f"{_RESIZE}: new_num_tokens", 0)
     if new < live:
         raise ValueError(
             f"resize_token_embeddings: cannot shrink the vocabulary from {live} to {new} tokens "
@@ -137,9 +139,7 @@ def resize_token_embeddings(
         )
     capacity = max(embedding.capacity, new)
     if pad_to_multiple_of is not None:
-        multiple = _checked_count(pad_to_multiple_of, "pad_to_multiple_of")
-        if multiple == 0:
-            raise ValueError("resize_token_embeddings: pad_to_multiple_of must be >= 1, got 0")
+        multiple = checked_int(pad_to_multiple_of, f"{_RESIZE}: pad_to_multiple_of", 1)
         capacity = math.ceil(capacity / multiple) * multiple
     if capacity > embedding.capacity:
         _reserve(embedding, capacity, optimizer)
@@ -254,15 +254,3 @@ def _normal_init(model: PreTrainedModel):
         weight.normal_(0.0, std)
 
     return init
-
-
-def _checked_count(value, what: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"resize_token_embeddings: {what} must be an int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"resize_token_embeddings: {what} must be an int, got {value!r}") from None
-    if value < 0:
-        raise ValueError(f"resize_token_embeddings: {what} must be >= 0, got {value}")
-    return value
