@@ -149,7 +149,8 @@ def measure_allocations(fn: Callable[[], Any]) -> tuple[float, int, int]:
     """Runs ``fn`` once under torch's CPU memory profiler: (seconds, bytes allocated, peak).
 
     ``bytes allocated`` sums every allocation made by torch during the call; ``peak`` is
-    the highest net amount (allocations minus frees) reached.
+    the highest net amount (allocations minus frees) reached. Each event's own memory is
+    counted (an op's total includes the ops it calls), in the order the events started.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -158,8 +159,8 @@ def measure_allocations(fn: Callable[[], Any]) -> tuple[float, int, int]:
         fn()
         seconds = time.perf_counter() - start
     total = peak = current = 0
-    for event in prof.events():
-        change = event.cpu_memory_usage
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        change = event.self_cpu_memory_usage
         if change > 0:
             total += change
         current += change

@@ -57,3 +57,20 @@ def test_growop_trains_on_after_the_grow_and_allocates_less(quick_run):
 def test_digits_stays_the_default_task():
     args = demo.parse_args([])
     assert args.task == "digits" and args.stages == 5
+
+
+def test_measure_allocations_counts_each_allocation_once_and_the_peak():
+    import torch
+
+    rows = torch.randn(1000, 64)
+    _, allocated, peak = demo_vocab.measure_allocations(lambda: torch.cat([rows, rows]))
+    assert allocated == peak == 2 * rows.nbytes  # one new tensor, not once per nested op
+
+    def two_in_turn():
+        first = torch.zeros(1000, 64)
+        del first
+        second = torch.zeros(1000, 64)
+        del second
+
+    _, allocated, peak = demo_vocab.measure_allocations(two_in_turn)
+    assert allocated == 2 * rows.nbytes and peak == rows.nbytes
