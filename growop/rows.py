@@ -437,6 +437,13 @@ class GrowRows(nn.Module):
         """
         self._rows.resize_optimizer_state(optimizer)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} does not support torch.jit.script: its rows are managed "
+            "from Python. Use torch.jit.trace or torch.export, or script the plain layer "
+            "that to_linear() / to_embedding() returns."
+        )
+
     # ------------------------------------------------------------------ reset
 
     def _reset_rows(self) -> None:
@@ -582,6 +589,8 @@ class GrowRows(nn.Module):
                 return
             if rows != self.capacity:
                 self._fit_rows_in_place(state_dict, prefix, names, rows)
+                # an optimizer state dict saved beside it has the checkpoint's row count
+                optim.note_reallocated(self._rows)
         self._loaded_used = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -57,6 +57,22 @@ def test_masking_after_a_grow_past_capacity_zeroes_stale_state():
     assert torch.equal(layer.weight[0], before), "a masked row moved with stale momentum"
 
 
+def test_optimizer_state_of_another_capacity_after_a_load_raises_until_resized():
+    source = GrowLinear(5, 3, capacity=4)
+    opt = torch.optim.SGD(source.parameters(), lr=0.1, momentum=0.9)
+    source(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    target = GrowLinear(5, 1, capacity=9)
+    target.load_state_dict(source.state_dict())
+    resumed = torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9)
+    resumed.load_state_dict(opt.state_dict())
+    target(torch.randn(2, 5)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"\(4, 5\).*\(9, 5\).*resize_optimizer_state"):
+        resumed.step()
+    target.resize_optimizer_state(resumed)
+    resumed.step()
+
+
 # ------------------------------------------------------------------ deferred initialisation
 
 
@@ -288,5 +304,7 @@ def test_trace_works_and_script_is_refused():
     x = torch.randn(2, 4)
     traced = torch.jit.trace(layer, x)
     torch.testing.assert_close(traced(x), layer(x))
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="torch.jit.script.*trace"):
         torch.jit.script(layer)
+    with pytest.raises(RuntimeError, match="torch.jit.script"):
+        torch.jit.script(torch.nn.Sequential(layer))
