@@ -278,6 +278,10 @@ def test_peft_lora_wraps_it_and_refuses_to_run_across_a_grow():
         model(x)
     with pytest.raises(RuntimeError, match="size"):
         model.merge_and_unload()
+    plain = model.unload()  # the documented way across a grow: unload, grow, apply anew
+    assert plain.head is base and plain(x).shape == (2, 4)
+    again = peft.get_peft_model(plain, peft.LoraConfig(target_modules=["head"], r=2))
+    assert again(x).shape == (2, 4)
 
 
 # ------------------------------------------------------------------ documented limits
