@@ -124,26 +124,19 @@ class RowSet:
             optim.start_rows(optimizer, params, torch.arange(start, stop))
         return range(start, stop)
 
-    def deactivate(self, rows: Rows, optimizer) -> None:
-        index = self.row_index(rows, "deactivate")
+    def set_live(self, rows: Rows, live: bool, optimizer, method: str) -> None:
+        """Masks (``live=False``) or unmasks existing rows; with ``optimizer`` their state
+        is zeroed, and unmasked rows start a fresh step count."""
+        index = self.row_index(rows, method)
         params = self.params()
         distributed.check_not_flattened(params)
         optim.check_holds(optimizer, params)
-        self._write_mask(index, False)
+        self._write_mask(index, live)
         self._set_counts(self.used, self._count_live())
         if optimizer is not None:
             optim.reset_rows(optimizer, params, index)
-
-    def reactivate(self, rows: Rows, optimizer) -> None:
-        index = self.row_index(rows, "reactivate")
-        params = self.params()
-        distributed.check_not_flattened(params)
-        optim.check_holds(optimizer, params)
-        self._write_mask(index, True)
-        self._set_counts(self.used, self._count_live())
-        if optimizer is not None:
-            optim.reset_rows(optimizer, params, index)
-            optim.start_rows(optimizer, params, index)
+            if live:
+                optim.start_rows(optimizer, params, index)
 
     def resize_optimizer_state(self, optimizer) -> None:
         params = self.params()
@@ -419,14 +412,14 @@ class GrowRows(nn.Module):
         depend on the gradient (AdamW's decoupled weight decay) still applies to them, as it
         does to any parameter.
         """
-        self._rows.deactivate(rows, optimizer)
+        self._rows.set_live(rows, False, optimizer, "deactivate")
 
     def reactivate(self, rows: Rows, *, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Unmasks rows (slots in use) with the weights they kept.
 
         With ``optimizer=`` their optimizer state starts fresh (zero), with a fresh step count.
         """
-        self._rows.reactivate(rows, optimizer)
+        self._rows.set_live(rows, True, optimizer, "reactivate")
 
     def resize_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Brings ``optimizer``'s per-row state for this layer to the current capacity.
