@@ -542,19 +542,21 @@ class GrowRows(nn.Module):
         return torch.tensor([self._rows.used, seed], dtype=torch.int64)
 
     def set_extra_state(self, state: Any) -> None:
+        # Called by load_state_dict after the parameters and buffers, the mask included.
         used, seed = _read_extra_state(state)
         if used > self.capacity:
             raise ValueError(
                 f"{type(self).__name__}: checkpoint has {used} slots in use, "
                 f"more than this layer's capacity {self.capacity}"
             )
-        self._loaded_used = used
-        if seed is not None:
-            if self._init_seed.is_meta:
-                self._init_seed = torch.tensor(seed, dtype=torch.int64, device=self.weight.device)
-            else:
-                with torch.no_grad():
-                    self._init_seed.fill_(seed)
+        if seed is None and self._init_seed.is_meta:  # built on meta, a stock checkpoint
+            seed = int(torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64))
+        if self._init_seed.is_meta:
+            self._init_seed = torch.tensor(seed, dtype=torch.int64, device=self.weight.device)
+        elif seed is not None:
+            with torch.no_grad():
+                self._init_seed.fill_(seed)
+        self._rows.after_load(self, used)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -584,18 +586,9 @@ class GrowRows(nn.Module):
                 self._fit_rows_in_place(state_dict, prefix, names, rows)
                 # an optimizer state dict saved beside it has the checkpoint's row count
                 optim.note_reallocated(self._rows)
-        self._loaded_used = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        used = self._loaded_used
-        del self._loaded_used
-        if used is None:
-            return
-        if self._init_seed.is_meta:  # built on meta, loaded with assign=True
-            seed = int(torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64))
-            self._init_seed = torch.tensor(seed, dtype=torch.int64, device=self.weight.device)
-        self._rows.after_load(self, used)
 
     def _fit_rows_in_place(self, state_dict: dict, prefix: str, names: list[str], rows: int) -> None:
         """Rewrites a checkpoint's per-row tensors to this layer's capacity.
