@@ -196,9 +196,6 @@ class GrowLinear(GrowRows, nn.Linear):
     def _draw_rows(self, rows: dict[str, Tensor], generator: torch.Generator | None) -> None:
         _linear_init_(rows["weight"], rows["bias"], self.in_features, generator=generator)
 
-    def _params(self) -> list[Tensor]:
-        return [p for p in (self.weight, self.bias) if p is not None]
-
     def _resolved_mask_value(self) -> float:
         if self.mask_value is not None:
             return self.mask_value
@@ -219,16 +216,6 @@ def _forward_with_dynamic_width(layer: GrowLinear, input: Tensor) -> Tensor:
         return layer._masked_linear(input, layer.out_features)
     with patch(allow_unspec_int_on_nn_module=True):
         return layer._masked_linear(input, layer.out_features)
-
-
-def _linear_init_(
-    weight: Tensor, bias: Tensor | None, fan_in: int, generator: torch.Generator | None = None
-) -> None:
-    """``nn.Linear.reset_parameters`` for any number of rows."""
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
-    if bias is not None:
-        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-        nn.init.uniform_(bias, -bound, bound, generator=generator)
 
 
 def _linear_init_(

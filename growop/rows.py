@@ -136,26 +136,19 @@ class RowSet:
             optim.start_rows(optimizer, params, torch.arange(start, stop))
         return range(start, stop)
 
-    def deactivate(self, rows: Rows, optimizer) -> None:
-        index = self.row_index(rows, "deactivate")
+    def set_live(self, rows: Rows, live: bool, optimizer, method: str) -> None:
+        """Masks (``live=False``) or unmasks existing rows; with ``optimizer`` their state
+        is zeroed, and unmasked rows start a fresh step count."""
+        index = self.row_index(rows, method)
         params = self.params()
         distributed.check_not_flattened(params)
         optim.check_holds(optimizer, params)
-        self._write_mask(index, False)
+        self._write_mask(index, live)
         self._set_counts(self.used, self._count_live())
         if optimizer is not None:
             optim.reset_rows(optimizer, params, index)
-
-    def reactivate(self, rows: Rows, optimizer) -> None:
-        index = self.row_index(rows, "reactivate")
-        params = self.params()
-        distributed.check_not_flattened(params)
-        optim.check_holds(optimizer, params)
-        self._write_mask(index, True)
-        self._set_counts(self.used, self._count_live())
-        if optimizer is not None:
-            optim.reset_rows(optimizer, params, index)
-            optim.start_rows(optimizer, params, index)
+            if live:
+                optim.start_rows(optimizer, params, index)
 
     def resize_optimizer_state(self, optimizer) -> None:
         params = self.params()
@@ -431,14 +424,14 @@ class GrowRows(nn.Module):
         depend on the gradient (AdamW's decoupled weight decay) still applies to them, as it
         does to any parameter.
         """
-        self._rows.deactivate(rows, optimizer)
+        self._rows.set_live(rows, False, optimizer, "deactivate")
 
     def reactivate(self, rows: Rows, *, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Unmasks rows (slots in use) with the weights they kept.
 
         With ``optimizer=`` their optimizer state starts fresh (zero), with a fresh step count.
         """
-        self._rows.reactivate(rows, optimizer)
+        self._rows.set_live(rows, True, optimizer, "reactivate")
 
     def resize_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Brings ``optimizer``'s per-row state for this layer to the current capacity.
@@ -448,6 +441,13 @@ class GrowRows(nn.Module):
         state is unchanged.
         """
         self._rows.resize_optimizer_state(optimizer)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} does not support torch.jit.script: its rows are managed "
+            "from Python. Use torch.jit.trace or torch.export, or script the plain layer "
+            "that to_linear() / to_embedding() returns."
+        )
 
     # ------------------------------------------------------------------ reset
 
@@ -553,19 +553,21 @@ class GrowRows(nn.Module):
         return torch.tensor([self._rows.used, seed], dtype=torch.int64)
 
     def set_extra_state(self, state: Any) -> None:
+        # Called by load_state_dict after the parameters and buffers, the mask included.
         used, seed = _read_extra_state(state)
         if used > self.capacity:
             raise ValueError(
                 f"{type(self).__name__}: checkpoint has {used} slots in use, "
                 f"more than this layer's capacity {self.capacity}"
             )
-        self._loaded_used = used
-        if seed is not None:
-            if self._init_seed.is_meta:
-                self._init_seed = torch.tensor(seed, dtype=torch.int64, device=self.weight.device)
-            else:
-                with torch.no_grad():
-                    self._init_seed.fill_(seed)
+        if seed is None and self._init_seed.is_meta:  # built on meta, a stock checkpoint
+            seed = int(torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64))
+        if self._init_seed.is_meta:
+            self._init_seed = torch.tensor(seed, dtype=torch.int64, device=self.weight.device)
+        elif seed is not None:
+            with torch.no_grad():
+                self._init_seed.fill_(seed)
+        self._rows.after_load(self, used)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -593,18 +595,11 @@ class GrowRows(nn.Module):
                 return
             if rows != self.capacity:
                 self._fit_rows_in_place(state_dict, prefix, names, rows)
-        self._loaded_used = None
+                # an optimizer state dict saved beside it has the checkpoint's row count
+                optim.note_reallocated(self._rows)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        used = self._loaded_used
-        del self._loaded_used
-        if used is None:
-            return
-        if self._init_seed.is_meta:  # built on meta, loaded with assign=True
-            seed = int(torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64))
-            self._init_seed = torch.tensor(seed, dtype=torch.int64, device=self.weight.device)
-        self._rows.after_load(self, used)
 
     def _fit_rows_in_place(self, state_dict: dict, prefix: str, names: list[str], rows: int) -> None:
         """Rewrites a checkpoint's per-row tensors to this layer's capacity.

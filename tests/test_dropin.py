@@ -57,6 +57,22 @@ def test_masking_after_a_grow_past_capacity_zeroes_stale_state():
     assert torch.equal(layer.weight[0], before), "a masked row moved with stale momentum"
 
 
+def test_optimizer_state_of_another_capacity_after_a_load_raises_until_resized():
+    source = GrowLinear(5, 3, capacity=4)
+    opt = torch.optim.SGD(source.parameters(), lr=0.1, momentum=0.9)
+    source(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    target = GrowLinear(5, 1, capacity=9)
+    target.load_state_dict(source.state_dict())
+    resumed = torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9)
+    resumed.load_state_dict(opt.state_dict())
+    target(torch.randn(2, 5)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"\(4, 5\).*\(9, 5\).*resize_optimizer_state"):
+        resumed.step()
+    target.resize_optimizer_state(resumed)
+    resumed.step()
+
+
 # ------------------------------------------------------------------ deferred initialisation
 
 
@@ -262,6 +278,10 @@ def test_peft_lora_wraps_it_and_refuses_to_run_across_a_grow():
         model(x)
     with pytest.raises(RuntimeError, match="size"):
         model.merge_and_unload()
+    plain = model.unload()  # the documented way across a grow: unload, grow, apply anew
+    assert plain.head is base and plain(x).shape == (2, 4)
+    again = peft.get_peft_model(plain, peft.LoraConfig(target_modules=["head"], r=2))
+    assert again(x).shape == (2, 4)
 
 
 # ------------------------------------------------------------------ documented limits
@@ -288,5 +308,7 @@ def test_trace_works_and_script_is_refused():
     x = torch.randn(2, 4)
     traced = torch.jit.trace(layer, x)
     torch.testing.assert_close(traced(x), layer(x))
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="torch.jit.script.*trace"):
         torch.jit.script(layer)
+    with pytest.raises(RuntimeError, match="torch.jit.script"):
+        torch.jit.script(torch.nn.Sequential(layer))

@@ -5,7 +5,8 @@ freshly created optimizer, the way the rows would train if each had been added t
 of its own. Random sequences of grows (within and past capacity, every init), masking,
 unmasking, training steps under SGD with momentum, Adam and AdamW, optimizer rebuilds,
 checkpoint round trips across capacities and bad calls must keep the layer equal to its
-shadow, and its bookkeeping (mask, live count, slots in use) consistent.
+shadow, and its bookkeeping (mask, live count, slots in use) consistent. Half the runs
+train two layers joined by ``growop.grow_together``, every operation called on either.
 
 The budget is bounded for CI (a few seconds); raise ``GROWOP_PROPERTY_EXAMPLES`` to search
 longer.
@@ -62,33 +63,50 @@ class GrowLinearMachine(RuleBasedStateMachine):
         kind=st.sampled_from(sorted(OPTIMIZERS)),
         out=st.integers(0, 3),
         headroom=st.integers(0, 3),
+        pair=st.booleans(),
         seed=st.integers(0, 2**16),
     )
-    def build(self, kind, out, headroom, seed):
+    def build(self, kind, out, headroom, pair, seed):
         torch.manual_seed(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.kind = kind
-        self.layer = growop.GrowLinear(IN, out, capacity=out + headroom, dtype=DTYPE)
-        self.shadow = [ShadowRow(self.layer.weight[r], self.layer.bias[r], kind) for r in range(out)]
+        self.layers = [
+            growop.GrowLinear(IN, out, capacity=out + headroom, dtype=DTYPE) for _ in range(1 + pair)
+        ]
+        if pair:
+            growop.grow_together(*self.layers)
+        self.shadows = [
+            [ShadowRow(layer.weight[r], layer.bias[r], kind) for r in range(out)] for layer in self.layers
+        ]
         self.optimizer = self.new_optimizer()
+
+    @property
+    def shadow(self):
+        return self.shadows[0]
+
+    def pick(self, data):
+        return self.layers[data.draw(st.integers(0, len(self.layers) - 1))]
+
+    def all_rows(self):
+        return [row for shadow in self.shadows for row in shadow]
 
     def new_optimizer(self):
         cls, kwargs, _ = OPTIMIZERS[self.kind]
-        return cls(self.layer.parameters(), **kwargs)
+        return cls([p for layer in self.layers for p in layer.parameters()], **kwargs)
 
     def randn(self, *shape):
         return torch.randn(*shape, generator=self.generator, dtype=DTYPE)
 
     # ------------------------------------------------------------------ rules
 
-    @rule(k=st.integers(1, 4), init=st.sampled_from(INITS), with_optimizer=st.booleans())
-    def grow(self, k, init, with_optimizer):
-        live = [row for row in self.shadow if row.live]
-        if init == "mean" and not live:
+    @rule(data=st.data(), k=st.integers(1, 4), init=st.sampled_from(INITS), with_optimizer=st.booleans())
+    def grow(self, data, k, init, with_optimizer):
+        caller = self.pick(data)
+        if init == "mean" and not any(row.live for row in self.shadow):
             with pytest.raises(ValueError, match="live"):
-                self.layer.grow(k, init="mean", optimizer=self.optimizer)
+                caller.grow(k, init="mean", optimizer=self.optimizer)
             return
-        past_capacity = len(self.shadow) + k > self.layer.capacity
+        past_capacity = len(self.shadow) + k > caller.capacity
         # Without the optimizer only SGD's new rows match a fresh optimizer (Adam's need the
         # per-row steps that optimizer= records), and only past capacity does the state
         # need resizing.
@@ -105,11 +123,17 @@ class GrowLinearMachine(RuleBasedStateMachine):
                 bias.fill_(-0.5)
         else:
             argument = init
-        rows = self.layer.grow(k, init=argument, optimizer=self.optimizer if with_optimizer else None)
+        rows = caller.grow(k, init=argument, optimizer=self.optimizer if with_optimizer else None)
         assert rows == range(len(self.shadow), len(self.shadow) + k)
         if not with_optimizer and past_capacity:
-            self.layer.resize_optimizer_state(self.optimizer)
-        weight, bias = self.layer.weight[rows.start:rows.stop], self.layer.bias[rows.start:rows.stop]
+            caller.resize_optimizer_state(self.optimizer)
+        for layer, shadow in zip(self.layers, self.shadows):
+            self.check_new_rows(layer, shadow, rows, init, given)
+
+    def check_new_rows(self, layer, shadow, rows, init, given):
+        k = len(rows)
+        live = [row for row in shadow if row.live]
+        weight, bias = layer.weight[rows.start:rows.stop], layer.bias[rows.start:rows.stop]
         expected = {
             "zeros": (torch.zeros(k, IN, dtype=DTYPE), torch.zeros(k, dtype=DTYPE)),
             "tensor": (given["tensor"], torch.zeros(k, dtype=DTYPE)),
@@ -127,24 +151,26 @@ class GrowLinearMachine(RuleBasedStateMachine):
         else:
             torch.testing.assert_close(weight, expected[init][0], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(bias, expected[init][1], rtol=1e-12, atol=1e-12)
-        self.shadow += [ShadowRow(weight[i], bias[i], self.kind) for i in range(k)]
+        shadow.extend(ShadowRow(weight[i], bias[i], self.kind) for i in range(k))
 
     @precondition(lambda self: len(self.shadow) > 0)
     @rule(data=st.data(), live=st.booleans(), with_optimizer=st.booleans())
     def mask(self, data, live, with_optimizer):
         rows = data.draw(st.lists(st.integers(0, len(self.shadow) - 1), min_size=1, max_size=3))
         optimizer = self.optimizer if with_optimizer else None
+        caller = self.pick(data)
         if live:
-            self.layer.reactivate(rows, optimizer=optimizer)
+            caller.reactivate(rows, optimizer=optimizer)
         else:
-            self.layer.deactivate(rows, optimizer=optimizer)
-        for r in set(rows):
-            self.shadow[r].live = live
-            if with_optimizer:
-                if live:
-                    self.shadow[r].fresh_optimizer()
-                else:
-                    self.shadow[r].zero_state()
+            caller.deactivate(rows, optimizer=optimizer)
+        for shadow in self.shadows:
+            for r in set(rows):
+                shadow[r].live = live
+                if with_optimizer:
+                    if live:
+                        shadow[r].fresh_optimizer()
+                    else:
+                        shadow[r].zero_state()
 
     @rule(steps=st.integers(1, 3))
     def train(self, steps):
@@ -152,87 +178,101 @@ class GrowLinearMachine(RuleBasedStateMachine):
             x = self.randn(4, IN)
             target = self.randn(4, len(self.shadow))
             self.optimizer.zero_grad()
-            out = self.layer(x)
-            live = self.layer.active[: len(self.shadow)]
+            live = self.layers[0].active[: len(self.shadow)]
             if bool(live.any()):
-                ((out[:, live] - target[:, live]) ** 2).sum().backward()
-            for r, row in enumerate(self.shadow):
-                row.optimizer.zero_grad()
-                if row.live:
-                    ((x @ row.weight + row.bias - target[:, r]) ** 2).sum().backward()
-                else:
-                    row.weight.grad = torch.zeros_like(row.weight)
-                    row.bias.grad = torch.zeros_like(row.bias)
+                loss = sum(((layer(x)[:, live] - target[:, live]) ** 2).sum() for layer in self.layers)
+                loss.backward()
+            for shadow in self.shadows:
+                for r, row in enumerate(shadow):
+                    row.optimizer.zero_grad()
+                    if row.live:
+                        ((x @ row.weight + row.bias - target[:, r]) ** 2).sum().backward()
+                    else:
+                        row.weight.grad = torch.zeros_like(row.weight)
+                        row.bias.grad = torch.zeros_like(row.bias)
             self.optimizer.step()
-            for row in self.shadow:
+            for row in self.all_rows():
                 row.optimizer.step()
 
     @rule()
     def rebuild_optimizer(self):
         self.optimizer = self.new_optimizer()
-        for row in self.shadow:
+        for row in self.all_rows():
             row.fresh_optimizer()
 
     @rule(extra=st.integers(0, 3), keep_optimizer=st.booleans())
     def checkpoint_round_trip(self, extra, keep_optimizer):
         buffer = io.BytesIO()
-        torch.save({"layer": self.layer.state_dict(), "optimizer": self.optimizer.state_dict()}, buffer)
+        layers = [layer.state_dict() for layer in self.layers]
+        torch.save({"layers": layers, "optimizer": self.optimizer.state_dict()}, buffer)
         buffer.seek(0)
         saved = torch.load(buffer)
         capacity = len(self.shadow) + extra
-        layer = growop.GrowLinear(IN, 0, capacity=capacity, dtype=DTYPE)
-        layer.load_state_dict(saved["layer"])
-        self.layer = layer
+        self.layers = [growop.GrowLinear(IN, 0, capacity=capacity, dtype=DTYPE) for _ in self.layers]
+        for layer, state in zip(self.layers, saved["layers"]):
+            layer.load_state_dict(state)
+        if len(self.layers) > 1:
+            growop.grow_together(*self.layers)
         self.optimizer = self.new_optimizer()
         if keep_optimizer:
             self.optimizer.load_state_dict(saved["optimizer"])
-            self.layer.resize_optimizer_state(self.optimizer)  # state of the saved capacity
+            self.layers[-1].resize_optimizer_state(self.optimizer)  # state of the saved capacity
         else:
-            for row in self.shadow:
+            for row in self.all_rows():
                 row.fresh_optimizer()
 
-    @rule(call=st.sampled_from(["grow-0", "mask-out-of-range", "bad-init-shape", "foreign-optimizer"]))
-    def bad_call(self, call):
-        before = [t.detach().clone() for t in (self.layer.weight, self.layer.bias, self.layer.active)]
-        counts = (self.layer.out_features, self.layer._live_count, self.layer.capacity)
+    @rule(data=st.data(), call=st.sampled_from(["grow-0", "mask-out-of-range", "bad-init-shape", "foreign-optimizer"]))
+    def bad_call(self, data, call):
+        caller = self.pick(data)
+
+        def snapshot():
+            return [
+                ([t.detach().clone() for t in (layer.weight, layer.bias, layer.active)],
+                 (layer.out_features, layer._live_count, layer.capacity))
+                for layer in self.layers
+            ]
+
+        before = snapshot()
         other = torch.optim.SGD(growop.GrowLinear(IN, 1).parameters(), lr=0.1)
         calls = {
-            "grow-0": (ValueError, lambda: self.layer.grow(0)),
-            "mask-out-of-range": (IndexError, lambda: self.layer.deactivate([len(self.shadow)])),
-            "bad-init-shape": (ValueError, lambda: self.layer.grow(2, init=torch.zeros(3, IN + 1))),
-            "foreign-optimizer": (ValueError, lambda: self.layer.grow(1, optimizer=other)),
+            "grow-0": (ValueError, lambda: caller.grow(0)),
+            "mask-out-of-range": (IndexError, lambda: caller.deactivate([len(self.shadow)])),
+            "bad-init-shape": (ValueError, lambda: caller.grow(2, init=torch.zeros(3, IN + 1))),
+            "foreign-optimizer": (ValueError, lambda: caller.grow(1, optimizer=other)),
         }
         error, do = calls[call]
         with pytest.raises(error):
             do()
-        after = (self.layer.weight, self.layer.bias, self.layer.active)
-        assert all(torch.equal(a, b) for a, b in zip(before, after))
-        assert (self.layer.out_features, self.layer._live_count, self.layer.capacity) == counts
+        for (tensors, counts), (tensors_after, counts_after) in zip(before, snapshot()):
+            assert all(torch.equal(a, b) for a, b in zip(tensors, tensors_after))
+            assert counts == counts_after
 
     # ------------------------------------------------------------------ invariants
 
     @invariant()
     def bookkeeping(self):
-        layer = self.layer
         used = len(self.shadow)
-        assert layer.out_features == used <= layer.capacity
-        assert layer._live_count == int(layer.active.sum())
-        assert layer.active[:used].tolist() == [row.live for row in self.shadow]
-        assert not bool(layer.active[used:].any())
+        for layer, shadow in zip(self.layers, self.shadows):
+            assert len(shadow) == used
+            assert layer.out_features == used <= layer.capacity == self.layers[0].capacity
+            assert layer._live_count == int(layer.active.sum())
+            assert layer.active[:used].tolist() == [row.live for row in shadow]
+            assert not bool(layer.active[used:].any())
 
     @invariant()
     def matches_shadow(self):
-        for r, row in enumerate(self.shadow):
-            torch.testing.assert_close(self.layer.weight[r], row.weight, rtol=1e-9, atol=1e-9)
-            torch.testing.assert_close(self.layer.bias[r], row.bias, rtol=1e-9, atol=1e-9)
         x = self.randn(2, IN)
-        out = self.layer(x)
-        assert out.shape == (2, len(self.shadow)) and torch.isfinite(out).all()
-        for r, row in enumerate(self.shadow):
-            if row.live:
-                torch.testing.assert_close(out[:, r], x @ row.weight + row.bias, rtol=1e-9, atol=1e-9)
-            else:
-                assert (out[:, r] == torch.finfo(DTYPE).min).all()
+        for layer, shadow in zip(self.layers, self.shadows):
+            for r, row in enumerate(shadow):
+                torch.testing.assert_close(layer.weight[r], row.weight, rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(layer.bias[r], row.bias, rtol=1e-9, atol=1e-9)
+            out = layer(x)
+            assert out.shape == (2, len(shadow)) and torch.isfinite(out).all()
+            for r, row in enumerate(shadow):
+                if row.live:
+                    torch.testing.assert_close(out[:, r], x @ row.weight + row.bias, rtol=1e-9, atol=1e-9)
+                else:
+                    assert (out[:, r] == torch.finfo(DTYPE).min).all()
 
 
 GrowLinearMachine.TestCase.settings = settings(
