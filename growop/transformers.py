@@ -31,7 +31,7 @@ import growop
 from growop import distributed, optim
 from growop.embedding import GrowEmbedding
 from growop.modules import GrowLinear, default_capacity
-from growop.rows import checked_int
+from growop.rows import GROWTH_FACTOR, checked_int
 
 __all__ = ["make_growable", "resize_token_embeddings", "to_plain"]
 
@@ -121,7 +121,9 @@ def resize_token_embeddings(
       fresh (Adam and AdamW also get per-row step counts), every other row's is kept.
 
     Within capacity nothing is allocated and every Parameter stays the same object. Past
-    capacity the storage is reallocated once (pass ``optimizer=`` so its state follows).
+    capacity the storage is reallocated once, as ``grow`` does (to ``max(default_capacity(n),
+    1.5 x capacity)`` rows, rounded up by ``pad_to_multiple_of``); the Parameters stay the
+    same objects; pass ``optimizer=`` so its state follows.
     Returns the input embedding, as transformers does.
     """
     embedding = model.get_input_embeddings()
@@ -137,7 +139,9 @@ def resize_token_embeddings(
             "in place. To stop using tokens, mask them: "
             "model.get_input_embeddings().deactivate(token_ids) (the head shares the mask)."
         )
-    capacity = max(embedding.capacity, new)
+    capacity = embedding.capacity
+    if new > capacity:  # the growth policy of grow(): room for the tokens to come
+        capacity = max(default_capacity(new), math.ceil(capacity * GROWTH_FACTOR))
     if pad_to_multiple_of is not None:
         multiple = checked_int(pad_to_multiple_of, f"{_RESIZE}: pad_to_multiple_of", 1)
         capacity = math.ceil(capacity / multiple) * multiple

@@ -188,16 +188,40 @@ def test_static_shape_logits_are_capacity_wide():
 def test_pad_to_multiple_of_rounds_the_capacity_and_padding_is_never_live():
     model = make_growable(MODELS["llama_tied"](50), capacity=60)
     opt = torch.optim.AdamW(model.parameters())
-    embedding = model.resize_token_embeddings(61, pad_to_multiple_of=32, optimizer=opt)
-    assert embedding.capacity == 64 and embedding.num_embeddings == 61
+    embedding = model.resize_token_embeddings(52, pad_to_multiple_of=32, optimizer=opt)
+    assert embedding.capacity == 64 and embedding.num_embeddings == 52
     assert model.get_output_embeddings().weight is embedding.weight
-    assert embedding.active.tolist() == [True] * 61 + [False] * 3
-    assert model.config.vocab_size == model(input_ids=torch.tensor([[60]])).logits.shape[-1] == 61
+    assert embedding.active.tolist() == [True] * 52 + [False] * 12
+    assert model.config.vocab_size == model(input_ids=torch.tensor([[51]])).logits.shape[-1] == 52
     with pytest.raises(IndexError):
-        embedding(torch.tensor([62]))
+        embedding(torch.tensor([53]))
     ptr = embedding.weight.data_ptr()
     model.resize_token_embeddings(63, pad_to_multiple_of=32, optimizer=opt)  # fits: in place
     assert embedding.capacity == 64 and embedding.weight.data_ptr() == ptr
+    model.resize_token_embeddings(65, pad_to_multiple_of=32, optimizer=opt)  # 1.5 x 64, rounded
+    assert embedding.capacity == 96 and embedding.num_embeddings == 65
+
+
+def test_resize_past_capacity_keeps_parameters_and_optimizer_state():
+    model = make_growable(MODELS["llama_untied"](50), capacity=52)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.tensor([[1, 2, 3, 49]])
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    params = [embedding.weight, head.weight]
+    moments = [opt.state[p]["exp_avg"].clone() for p in params]
+    model.resize_token_embeddings(60, optimizer=opt)
+    assert embedding.capacity == head.capacity == 78  # max(default_capacity(60), 1.5 x 52)
+    assert [embedding.weight, head.weight] == params
+    for p, before in zip(params, moments):
+        assert opt.state[p]["exp_avg"].shape == p.shape
+        assert torch.equal(opt.state[p]["exp_avg"][:50], before[:50])
+    x = torch.tensor([[1, 58, 3, 59]])
+    opt.zero_grad()
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    assert torch.count_nonzero(opt.state[embedding.weight]["exp_avg"][58]) > 0
 
 
 def test_shrinking_raises_and_changes_nothing():
