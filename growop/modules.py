@@ -147,8 +147,12 @@ class GrowLinear(GrowRows, nn.Linear):
         static_shape: bool = False,
     ) -> GrowLinear:
         """A ``GrowLinear`` with ``linear``'s rows, all live, on its device and dtype."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(linear, nn.Linear) or isinstance(linear, GrowRows):
+            raise TypeError(
+                f"from_linear expects a plain nn.Linear, got {type(linear).__name__}; a "
+                "GrowLinear is growable already (to change its capacity, load its state_dict "
+                "into a GrowLinear built with the capacity you want)"
+            )
         weight = linear.weight
         layer = cls(
             linear.in_features,

@@ -212,6 +212,11 @@ def test_is_an_nn_linear_and_init_loops_reach_it():
     assert model[1].out_features == 3 and model[1](torch.randn(2, 5)).shape == (2, 3)
 
 
+def test_from_linear_refuses_a_growlinear_clearly():
+    with pytest.raises(TypeError, match="plain nn.Linear.*state_dict"):
+        GrowLinear.from_linear(GrowLinear(4, 2, capacity=5))
+
+
 def test_fsdp_module_wrap_policy_targets_it():
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 

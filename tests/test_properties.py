@@ -5,8 +5,11 @@ freshly created optimizer, the way the rows would train if each had been added t
 of its own. Random sequences of grows (within and past capacity, every init), masking,
 unmasking, training steps under SGD with momentum, Adam and AdamW, optimizer rebuilds,
 checkpoint round trips across capacities and bad calls must keep the layer equal to its
-shadow, and its bookkeeping (mask, live count, slots in use) consistent. Half the runs
-train two layers joined by ``growop.grow_together``, every operation called on either.
+shadow, and its bookkeeping (mask, live count, slots in use) consistent. Some runs train
+two layers sharing one row set, every operation called on either: joined by
+``growop.grow_together`` (in the shadow, each slot holds both layers' rows under one
+optimizer, which for these optimizers is the same as one optimizer per layer), or tied by
+``growop.tie`` (one weight row shared by both layers' outputs).
 
 The budget is bounded for CI (a few seconds); raise ``GROWOP_PROPERTY_EXAMPLES`` to search
 longer.
@@ -38,18 +41,24 @@ INITS = ["default", "zeros", "mean", "tensor", "tuple", "callable"]
 
 
 class ShadowRow:
-    """One slot in use: its own Parameters and its own optimizer."""
+    """One slot in use: its own Parameters for each layer, and its own optimizer."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, kind: str, live: bool = True):
-        self.weight = weight.detach().clone().requires_grad_()
-        self.bias = bias.detach().clone().requires_grad_()
-        self.live = live
+    def __init__(self, rows: list, kind: str, tied: bool):
+        self.weights = [weight.detach().clone().requires_grad_() for weight, _ in rows]
+        if tied:
+            self.weights = [self.weights[0]] * len(rows)
+        self.biases = [None if bias is None else bias.detach().clone().requires_grad_() for _, bias in rows]
+        self.live = True
         self.kind = kind
         self.fresh_optimizer()
 
+    def params(self):
+        unique = {id(p): p for p in self.weights + self.biases if p is not None}
+        return list(unique.values())
+
     def fresh_optimizer(self):
         cls, kwargs, _ = OPTIMIZERS[self.kind]
-        self.optimizer = cls([self.weight, self.bias], **kwargs)
+        self.optimizer = cls(self.params(), **kwargs)
 
     def zero_state(self):
         for state in self.optimizer.state.values():
@@ -57,42 +66,54 @@ class ShadowRow:
                 if name in state:
                     state[name].zero_()
 
+    def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.weights[i]
+        return out if self.biases[i] is None else out + self.biases[i]
+
+
+def fill_rows(weight, bias):
+    weight.fill_(0.25)
+    if bias is not None:
+        bias.fill_(-0.5)
+
 
 class GrowLinearMachine(RuleBasedStateMachine):
     @initialize(
         kind=st.sampled_from(sorted(OPTIMIZERS)),
         out=st.integers(0, 3),
         headroom=st.integers(0, 3),
-        pair=st.booleans(),
+        mode=st.sampled_from(["single", "together", "tied"]),
         seed=st.integers(0, 2**16),
     )
-    def build(self, kind, out, headroom, pair, seed):
+    def build(self, kind, out, headroom, mode, seed):
         torch.manual_seed(seed)
         self.generator = torch.Generator().manual_seed(seed)
-        self.kind = kind
-        self.layers = [
-            growop.GrowLinear(IN, out, capacity=out + headroom, dtype=DTYPE) for _ in range(1 + pair)
-        ]
-        if pair:
-            growop.grow_together(*self.layers)
-        self.shadows = [
-            [ShadowRow(layer.weight[r], layer.bias[r], kind) for r in range(out)] for layer in self.layers
-        ]
+        self.kind, self.mode = kind, mode
+        self.layers = self.new_layers(out, out + headroom)
+        self.shadow = [self.shadow_row(r) for r in range(out)]
         self.optimizer = self.new_optimizer()
 
-    @property
-    def shadow(self):
-        return self.shadows[0]
+    def new_layers(self, out, capacity):
+        count = 1 if self.mode == "single" else 2
+        biases = [True, self.mode != "tied"][:count]
+        layers = [growop.GrowLinear(IN, out, bias=b, capacity=capacity, dtype=DTYPE) for b in biases]
+        if self.mode == "together":
+            growop.grow_together(*layers)
+        elif self.mode == "tied":
+            growop.tie(*layers)
+        return layers
+
+    def shadow_row(self, r):
+        rows = [(layer.weight[r], None if layer.bias is None else layer.bias[r]) for layer in self.layers]
+        return ShadowRow(rows, self.kind, self.mode == "tied")
 
     def pick(self, data):
         return self.layers[data.draw(st.integers(0, len(self.layers) - 1))]
 
-    def all_rows(self):
-        return [row for shadow in self.shadows for row in shadow]
-
     def new_optimizer(self):
         cls, kwargs, _ = OPTIMIZERS[self.kind]
-        return cls([p for layer in self.layers for p in layer.parameters()], **kwargs)
+        unique = {id(p): p for layer in self.layers for p in layer.parameters()}
+        return cls(list(unique.values()), **kwargs)
 
     def randn(self, *shape):
         return torch.randn(*shape, generator=self.generator, dtype=DTYPE)
@@ -102,6 +123,8 @@ class GrowLinearMachine(RuleBasedStateMachine):
     @rule(data=st.data(), k=st.integers(1, 4), init=st.sampled_from(INITS), with_optimizer=st.booleans())
     def grow(self, data, k, init, with_optimizer):
         caller = self.pick(data)
+        if init == "tuple" and self.mode == "tied":
+            init = "tensor"  # a (weight, bias) tuple does not fit the biasless tied head
         if init == "mean" and not any(row.live for row in self.shadow):
             with pytest.raises(ValueError, match="live"):
                 caller.grow(k, init="mean", optimizer=self.optimizer)
@@ -111,29 +134,21 @@ class GrowLinearMachine(RuleBasedStateMachine):
         # per-row steps that optimizer= records), and only past capacity does the state
         # need resizing.
         with_optimizer = with_optimizer or self.kind != "sgd-momentum"
-        given = {
-            "tensor": self.randn(k, IN),
-            "tuple": (self.randn(k, IN), self.randn(k)),
-        }
-        if init in given:
-            argument = given[init]
-        elif init == "callable":
-            def argument(weight, bias):
-                weight.fill_(0.25)
-                bias.fill_(-0.5)
-        else:
-            argument = init
+        given = {"tensor": self.randn(k, IN), "tuple": (self.randn(k, IN), self.randn(k))}
+        argument = given.get(init, fill_rows if init == "callable" else init)
+        live = [row for row in self.shadow if row.live]
         rows = caller.grow(k, init=argument, optimizer=self.optimizer if with_optimizer else None)
         assert rows == range(len(self.shadow), len(self.shadow) + k)
         if not with_optimizer and past_capacity:
             caller.resize_optimizer_state(self.optimizer)
-        for layer, shadow in zip(self.layers, self.shadows):
-            self.check_new_rows(layer, shadow, rows, init, given)
+        for i, layer in enumerate(self.layers):
+            self.check_new_rows(i, layer, rows, init, given, live)
+        self.shadow += [self.shadow_row(r) for r in rows]
 
-    def check_new_rows(self, layer, shadow, rows, init, given):
+    def check_new_rows(self, i, layer, rows, init, given, live):
         k = len(rows)
-        live = [row for row in shadow if row.live]
-        weight, bias = layer.weight[rows.start:rows.stop], layer.bias[rows.start:rows.stop]
+        weight = layer.weight[rows.start:rows.stop]
+        bias = None if layer.bias is None else layer.bias[rows.start:rows.stop]
         expected = {
             "zeros": (torch.zeros(k, IN, dtype=DTYPE), torch.zeros(k, dtype=DTYPE)),
             "tensor": (given["tensor"], torch.zeros(k, dtype=DTYPE)),
@@ -142,16 +157,16 @@ class GrowLinearMachine(RuleBasedStateMachine):
         }
         if init == "mean":
             expected["mean"] = (
-                torch.stack([r.weight for r in live]).mean(0).expand(k, IN),
-                torch.stack([r.bias for r in live]).mean().expand(k),
+                torch.stack([r.weights[i] for r in live]).mean(0).expand(k, IN),
+                torch.stack([r.biases[i] for r in live]).mean().expand(k) if bias is not None else None,
             )
         if init == "default":
             bound = 1 / IN**0.5
-            assert weight.abs().max() <= bound and bias.abs().max() <= bound
+            assert weight.abs().max() <= bound and (bias is None or bias.abs().max() <= bound)
         else:
             torch.testing.assert_close(weight, expected[init][0], rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(bias, expected[init][1], rtol=1e-12, atol=1e-12)
-        shadow.extend(ShadowRow(weight[i], bias[i], self.kind) for i in range(k))
+            if bias is not None:
+                torch.testing.assert_close(bias, expected[init][1], rtol=1e-12, atol=1e-12)
 
     @precondition(lambda self: len(self.shadow) > 0)
     @rule(data=st.data(), live=st.booleans(), with_optimizer=st.booleans())
@@ -163,41 +178,42 @@ class GrowLinearMachine(RuleBasedStateMachine):
             caller.reactivate(rows, optimizer=optimizer)
         else:
             caller.deactivate(rows, optimizer=optimizer)
-        for shadow in self.shadows:
-            for r in set(rows):
-                shadow[r].live = live
-                if with_optimizer:
-                    if live:
-                        shadow[r].fresh_optimizer()
-                    else:
-                        shadow[r].zero_state()
+        for r in set(rows):
+            self.shadow[r].live = live
+            if with_optimizer:
+                if live:
+                    self.shadow[r].fresh_optimizer()
+                else:
+                    self.shadow[r].zero_state()
 
     @rule(steps=st.integers(1, 3))
     def train(self, steps):
         for _ in range(steps):
             x = self.randn(4, IN)
-            target = self.randn(4, len(self.shadow))
+            targets = [self.randn(4, len(self.shadow)) for _ in self.layers]
             self.optimizer.zero_grad()
             live = self.layers[0].active[: len(self.shadow)]
             if bool(live.any()):
-                loss = sum(((layer(x)[:, live] - target[:, live]) ** 2).sum() for layer in self.layers)
+                loss = sum(
+                    ((layer(x)[:, live] - target[:, live]) ** 2).sum()
+                    for layer, target in zip(self.layers, targets)
+                )
                 loss.backward()
-            for shadow in self.shadows:
-                for r, row in enumerate(shadow):
-                    row.optimizer.zero_grad()
-                    if row.live:
-                        ((x @ row.weight + row.bias - target[:, r]) ** 2).sum().backward()
-                    else:
-                        row.weight.grad = torch.zeros_like(row.weight)
-                        row.bias.grad = torch.zeros_like(row.bias)
+            for r, row in enumerate(self.shadow):
+                row.optimizer.zero_grad()
+                if row.live:
+                    sum(((row.output(i, x) - target[:, r]) ** 2).sum() for i, target in enumerate(targets)).backward()
+                else:
+                    for param in row.params():
+                        param.grad = torch.zeros_like(param)
             self.optimizer.step()
-            for row in self.all_rows():
+            for row in self.shadow:
                 row.optimizer.step()
 
     @rule()
     def rebuild_optimizer(self):
         self.optimizer = self.new_optimizer()
-        for row in self.all_rows():
+        for row in self.shadow:
             row.fresh_optimizer()
 
     @rule(extra=st.integers(0, 3), keep_optimizer=st.booleans())
@@ -207,18 +223,15 @@ class GrowLinearMachine(RuleBasedStateMachine):
         torch.save({"layers": layers, "optimizer": self.optimizer.state_dict()}, buffer)
         buffer.seek(0)
         saved = torch.load(buffer)
-        capacity = len(self.shadow) + extra
-        self.layers = [growop.GrowLinear(IN, 0, capacity=capacity, dtype=DTYPE) for _ in self.layers]
+        self.layers = self.new_layers(0, len(self.shadow) + extra)  # joined, then loaded
         for layer, state in zip(self.layers, saved["layers"]):
             layer.load_state_dict(state)
-        if len(self.layers) > 1:
-            growop.grow_together(*self.layers)
         self.optimizer = self.new_optimizer()
         if keep_optimizer:
             self.optimizer.load_state_dict(saved["optimizer"])
             self.layers[-1].resize_optimizer_state(self.optimizer)  # state of the saved capacity
         else:
-            for row in self.all_rows():
+            for row in self.shadow:
                 row.fresh_optimizer()
 
     @rule(data=st.data(), call=st.sampled_from(["grow-0", "mask-out-of-range", "bad-init-shape", "foreign-optimizer"]))
@@ -227,7 +240,7 @@ class GrowLinearMachine(RuleBasedStateMachine):
 
         def snapshot():
             return [
-                ([t.detach().clone() for t in (layer.weight, layer.bias, layer.active)],
+                ([t.detach().clone() for t in (layer.weight, layer.bias, layer.active) if t is not None],
                  (layer.out_features, layer._live_count, layer.capacity))
                 for layer in self.layers
             ]
@@ -252,31 +265,33 @@ class GrowLinearMachine(RuleBasedStateMachine):
     @invariant()
     def bookkeeping(self):
         used = len(self.shadow)
-        for layer, shadow in zip(self.layers, self.shadows):
-            assert len(shadow) == used
+        for layer in self.layers:
             assert layer.out_features == used <= layer.capacity == self.layers[0].capacity
             assert layer._live_count == int(layer.active.sum())
-            assert layer.active[:used].tolist() == [row.live for row in shadow]
+            assert layer.active[:used].tolist() == [row.live for row in self.shadow]
             assert not bool(layer.active[used:].any())
+        if self.mode == "tied":
+            assert self.layers[1].weight is self.layers[0].weight
 
     @invariant()
     def matches_shadow(self):
         x = self.randn(2, IN)
-        for layer, shadow in zip(self.layers, self.shadows):
-            for r, row in enumerate(shadow):
-                torch.testing.assert_close(layer.weight[r], row.weight, rtol=1e-9, atol=1e-9)
-                torch.testing.assert_close(layer.bias[r], row.bias, rtol=1e-9, atol=1e-9)
+        for i, layer in enumerate(self.layers):
+            for r, row in enumerate(self.shadow):
+                torch.testing.assert_close(layer.weight[r], row.weights[i], rtol=1e-9, atol=1e-9)
+                if layer.bias is not None:
+                    torch.testing.assert_close(layer.bias[r], row.biases[i], rtol=1e-9, atol=1e-9)
             out = layer(x)
-            assert out.shape == (2, len(shadow)) and torch.isfinite(out).all()
-            for r, row in enumerate(shadow):
+            assert out.shape == (2, len(self.shadow)) and torch.isfinite(out).all()
+            for r, row in enumerate(self.shadow):
                 if row.live:
-                    torch.testing.assert_close(out[:, r], x @ row.weight + row.bias, rtol=1e-9, atol=1e-9)
+                    torch.testing.assert_close(out[:, r], row.output(i, x), rtol=1e-9, atol=1e-9)
                 else:
                     assert (out[:, r] == torch.finfo(DTYPE).min).all()
 
 
 GrowLinearMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("GROWOP_PROPERTY_EXAMPLES", "25")),
+    max_examples=int(os.environ.get("GROWOP_PROPERTY_EXAMPLES", "30")),
     stateful_step_count=15,
     deadline=None,
     derandomize=True,

@@ -19,6 +19,7 @@ OPTIMIZERS = {
     "adam_l2": (torch.optim.Adam, {"lr": 0.05, "weight_decay": 0.1}),
     "adamw": (torch.optim.AdamW, {"lr": 0.05, "weight_decay": 0.1}),
     "adamw_loop_amsgrad": (torch.optim.AdamW, {"lr": 0.05, "weight_decay": 0.1, "foreach": False, "amsgrad": True}),
+    "adamw_fused": (torch.optim.AdamW, {"lr": 0.05, "weight_decay": 0.1, "fused": True}),
 }
 
 
@@ -129,8 +130,10 @@ def test_reactivated_rows_start_fresh():
     assert run.mirror_error() < 1e-10
 
 
-def test_resumed_run_keeps_correcting_young_rows(tmp_path):
-    whole = Run("adamw")
+@pytest.mark.parametrize("name", ["adamw", "adamw_fused"])
+def test_resumed_run_keeps_correcting_young_rows(tmp_path, name):
+    # fused: load_state_dict moves "step" entries to float32, the start steps included
+    whole = Run(name)
     whole.steps(20)
     whole.grow()
     whole.steps(4)
@@ -138,13 +141,13 @@ def test_resumed_run_keeps_correcting_young_rows(tmp_path):
     torch.save({"layer": whole.layer.state_dict(), "optimizer": whole.optimizer.state_dict()}, path)
     whole.steps(10)
 
-    resumed = Run("adamw")
+    resumed = Run(name)
     resumed.steps(20)
     resumed.grow()
     resumed.steps(4)
     checkpoint = torch.load(path)
     layer = growop.GrowLinear(IN, 1, capacity=16, dtype=torch.float64)
-    optimizer = torch.optim.AdamW(layer.parameters(), **OPTIMIZERS["adamw"][1])
+    optimizer = torch.optim.AdamW(layer.parameters(), **OPTIMIZERS[name][1])
     layer.load_state_dict(checkpoint["layer"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     resumed.layer, resumed.optimizer = layer, optimizer

@@ -148,6 +148,13 @@ def test_tie_refuses_mismatched_shapes_and_changes_nothing():
     assert b.weight is weight
     a.grow(1)
     assert b.out_features == 3
+    c = growop.GrowLinear(5, 4, capacity=6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32.*float64"):
+        growop.tie(a, c)
+    d = growop.GrowLinear(5, 3, capacity=6)
+    with pytest.raises(ValueError, match="slots in use differ"):
+        growop.tie(a, d)
+    assert d.weight is not a.weight and d._rows is not a._rows
 
 
 @pytest.mark.parametrize("assign", [False, True])
