@@ -21,6 +21,9 @@ the numbers, and writes ``results.json`` and ``accuracy.png`` to ``--out``.
 
 Needs the optional dependencies: ``pip install "growop[demo]"`` (scikit-learn, matplotlib,
 tqdm).
+
+``python -m growop.demo --task vocab`` runs the other task, adding tokens to a tiny Llama
+mid-training (:mod:`growop.demo_vocab`).
 """
 
 from __future__ import annotations
