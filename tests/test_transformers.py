@@ -366,3 +366,13 @@ def test_state_dict_of_a_grown_model_loads_into_a_growable_one(name):
     torch.testing.assert_close(got.loss, want.loss)
     with pytest.raises(IndexError, match="id 7 is a deactivated row"):
         embedding(torch.tensor([7]))
+
+
+def test_make_growable_refuses_what_it_cannot_convert():
+    with pytest.raises(TypeError, match="expects a transformers PreTrainedModel, got Linear"):
+        make_growable(nn.Linear(2, 2))
+    model = MODELS["llama_tied"](50)
+    model.lm_head = nn.Linear(32, 40, bias=False)  # untied and of another width
+    with pytest.raises(ValueError, match="the head has 40 outputs but the embedding 50 rows"):
+        make_growable(model)
+    assert type(model.get_input_embeddings()) is nn.Embedding  # nothing swapped
