@@ -8,6 +8,7 @@ graphs stay as they are. Compute follows the live rows, not the capacity.
 from growop import ops
 from growop.functional import masked_linear
 from growop.modules import GrowLinear, default_capacity
+from growop.ops import get_strategy, strategy
 
-__all__ = ["GrowLinear", "default_capacity", "masked_linear", "ops"]
+__all__ = ["GrowLinear", "default_capacity", "get_strategy", "masked_linear", "ops", "strategy"]
 __version__ = "0.1.0"

@@ -187,6 +187,9 @@ class GrowLinear(nn.Module):
         return self._masked_linear(input, self.out_features)
 
     def _masked_linear(self, input: Tensor, width: int) -> Tensor:
+        # The host-side live count lets auto choose a strategy without a sync. Under compile
+        # it is left out: an int that changes on every grow would be a guard, and a recompile.
+        live_count = None if torch.compiler.is_compiling() else getattr(self, "_live_count", None)
         return functional.masked_linear(
             input,
             self.weight,
@@ -194,6 +197,7 @@ class GrowLinear(nn.Module):
             active=self.active,
             out_features=width,
             mask_value=self.mask_value,
+            live_count=live_count,
         )
 
     def extra_repr(self) -> str:
