@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -27,9 +29,14 @@ def device(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=growop.ops.STRATEGIES)
+# Every strategy, or only the one GROWOP_STRATEGY forces (CI runs the suite under each).
+STRATEGIES = [os.environ["GROWOP_STRATEGY"]] if "GROWOP_STRATEGY" in os.environ else growop.ops.STRATEGIES
+
+
+@pytest.fixture(params=STRATEGIES)
 def strategy(request):
-    """Each test that takes it runs under every strategy (``growop.strategy``)."""
+    """Each test that takes it runs under every strategy (``growop.strategy``), or under the
+    one ``GROWOP_STRATEGY`` names."""
     with growop.strategy(request.param):
         yield request.param
 
