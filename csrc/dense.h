@@ -43,6 +43,12 @@ inline double fill_value(at::ScalarType dtype, std::optional<double> mask_value)
       });
 }
 
+// The first `rows` rows of `t`: `t` itself when that is all of it (a view costs
+// a dispatcher call, which small layers feel).
+inline at::Tensor leading_rows(const at::Tensor& t, int64_t rows) {
+  return t.size(0) == rows ? t : t.narrow(0, 0, rows);
+}
+
 // out (batch, width) = x (batch, in) @ weight[:width]^T + bias[:width], then
 // the columns of dead rows set to `fill`. `mask_dead` false: the caller knows
 // every row below width is live.
@@ -55,14 +61,14 @@ inline void forward(
     bool mask_dead,
     at::Tensor& out) {
   const int64_t width = out.size(1);
-  const at::Tensor w = weight.narrow(0, 0, width).t();
+  const at::Tensor w = leading_rows(weight, width).t();
   if (bias.defined()) {
-    at::addmm_out(out, bias.narrow(0, 0, width), x, w);
+    at::addmm_out(out, leading_rows(bias, width), x, w);
   } else {
     at::mm_out(out, x, w);
   }
   if (mask_dead) {
-    out.masked_fill_(active.narrow(0, 0, width).logical_not(), fill);
+    out.masked_fill_(leading_rows(active, width).logical_not(), fill);
   }
 }
 
@@ -82,19 +88,23 @@ inline void backward(
   const int64_t width = g.size(1);
   const int64_t capacity = weight.size(0);
   const at::Tensor gm =
-      mask_dead ? g.masked_fill(active.narrow(0, 0, width).logical_not(), 0) : g;
+      mask_dead ? g.masked_fill(leading_rows(active, width).logical_not(), 0) : g;
   if (grad_input.defined()) {
-    at::mm_out(grad_input, gm, weight.narrow(0, 0, width));
+    at::mm_out(grad_input, gm, leading_rows(weight, width));
   }
   if (grad_weight.defined()) {
-    at::Tensor rows = grad_weight.narrow(0, 0, width);
+    at::Tensor rows = leading_rows(grad_weight, width);
     at::mm_out(rows, gm.t(), x);
-    grad_weight.narrow(0, width, capacity - width).zero_();
+    if (width < capacity) {
+      grad_weight.narrow(0, width, capacity - width).zero_();
+    }
   }
   if (grad_bias.defined()) {
-    at::Tensor head = grad_bias.narrow(0, 0, width);
+    at::Tensor head = leading_rows(grad_bias, width);
     at::sum_out(head, gm, 0);
-    grad_bias.narrow(0, width, capacity - width).zero_();
+    if (width < capacity) {
+      grad_bias.narrow(0, width, capacity - width).zero_();
+    }
   }
 }
 

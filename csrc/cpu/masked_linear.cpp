@@ -134,10 +134,14 @@ std::pair<at::Tensor, bool> gradient_buffer(
   return {at::empty({rows, row_size}, options), false};
 }
 
-// (*, n) as a contiguous (rows, n) matrix; unlike reshape(-1, n) also for n == 0.
+// (*, n) as a (rows, n) matrix, a view where it can be; unlike reshape(-1, n)
+// also for n == 0. A 2-D tensor is returned as it is.
 at::Tensor as_matrix(const at::Tensor& t) {
+  if (t.dim() == 2) {
+    return t;
+  }
   const int64_t rows = c10::multiply_integers(t.sizes().slice(0, t.dim() - 1));
-  return t.reshape({rows, t.size(-1)}).contiguous();
+  return t.reshape({rows, t.size(-1)});
 }
 
 // dst[i, :] = src[rows[i], :] for i < n (row-major, row length k), the rows
@@ -430,7 +434,7 @@ at::Tensor masked_linear_cpu(
   // The result is allocated in its final shape and written through a 2-D view:
   // an operator must not return a view of a tensor it made.
   at::Tensor result = at::empty(with_last_dim(input.sizes(), width), x.options());
-  at::Tensor out = result.view({batch, width});
+  at::Tensor out = as_matrix(result);
   if (batch == 0 || width == 0) {
     return result;
   }
@@ -439,7 +443,8 @@ at::Tensor masked_linear_cpu(
   if (path == Path::kDense) {
     dense::forward(x, weight, bias, live_mask, fill, num_live < width, out);
   } else {
-    gather_forward(x, weight.contiguous(), has_bias ? bias.contiguous() : bias, live_mask, fill, out);
+    gather_forward(x.contiguous(), weight.contiguous(), has_bias ? bias.contiguous() : bias,
+                   live_mask, fill, out);
   }
   return result;
 }
@@ -455,18 +460,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
   constexpr const char* op = "growop.masked_linear_backward";
   const int64_t width = checks::check_backward(op, grad_output, input, weight, active);
   const int64_t capacity = weight.size(0);
-  const int64_t in_features = weight.size(1);
   const at::Tensor live_mask = active.contiguous();
   const int64_t num_live = count_live(live_mask, width);
   const Path path = choose_path(op, strategy, c10::DeviceType::CPU, width, num_live);
 
   const at::Tensor g = as_matrix(grad_output);
   const at::Tensor x = as_matrix(input);
-  const int64_t batch = x.size(0);
   if (path == Path::kDense) {
     auto [grad_input, grad_weight, grad_bias] =
         dense::backward_outputs(input, weight, output_mask);
-    at::Tensor gi = output_mask[0] ? grad_input.view({batch, in_features}) : at::Tensor();
+    at::Tensor gi = output_mask[0] ? as_matrix(grad_input) : at::Tensor();
     at::Tensor gw = output_mask[1] ? grad_weight : at::Tensor();
     at::Tensor gb = output_mask[2] ? grad_bias : at::Tensor();
     dense::backward(g, x, weight, live_mask, num_live < width, gi, gw, gb);
@@ -476,15 +479,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
   // gradient_buffer), so only what output_mask leaves out is made here.
   auto [grad_input, grad_weight, grad_bias] = dense::backward_outputs(
       input, weight, {output_mask[0], false, false});
+  const at::Tensor g_rows = g.contiguous();
   if (output_mask[0]) {
-    at::Tensor gi = grad_input.view({batch, in_features});
-    gather_backward_input(g, weight.contiguous(), live_mask, gi);
+    at::Tensor gi = as_matrix(grad_input);
+    gather_backward_input(g_rows, weight.contiguous(), live_mask, gi);
   }
   if (output_mask[1]) {
-    grad_weight = gather_backward_weight(g, x, live_mask, capacity);
+    grad_weight = gather_backward_weight(g_rows, x.contiguous(), live_mask, capacity);
   }
   if (output_mask[2]) {
-    grad_bias = gather_backward_bias(g, live_mask, capacity);
+    grad_bias = gather_backward_bias(g_rows, live_mask, capacity);
   }
   return {grad_input, grad_weight, grad_bias};
 }
