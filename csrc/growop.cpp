@@ -8,7 +8,11 @@
 // native op's does. The backward op has its own autograd formula in terms of the
 // two ops, so gradients of any order work.
 #include <Python.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/pybind11.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -19,14 +23,6 @@
 #include <string>
 #include <string_view>
 #include <tuple>
-
-// Lets setup.py build this as the importable module growop._C; importing it
-// runs the static registrations below.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(growop, m) {
   // out[..., j] = input @ weight[j] + bias[j] where active[j], else mask_value,
@@ -288,3 +284,79 @@ TORCH_LIBRARY_IMPL(growop, Autograd, m) {
 }
 
 }  // namespace growop
+
+namespace {
+
+// growop._C.masked_linear(input, weight, bias, active, width, mask_value,
+// strategy, live_count): the same dispatcher call as
+// torch.ops.growop.masked_linear.default, without the generic binding's cost
+// of matching Python values to the schema, which a small layer feels. It
+// returns NotImplemented where that binding must run instead: a tensor
+// subclass or a torch-function mode may override the call.
+PyObject* masked_linear_binding(PyObject* /*module*/, PyObject* args) {
+  PyObject* input = nullptr;
+  PyObject* weight = nullptr;
+  PyObject* bias = nullptr;
+  PyObject* active = nullptr;
+  long long width = 0;
+  PyObject* mask_value = nullptr;
+  const char* strategy = nullptr;
+  PyObject* live_count = nullptr;
+  if (!PyArg_ParseTuple(
+          args, "OOOOLOsO", &input, &weight, &bias, &active, &width,
+          &mask_value, &strategy, &live_count)) {
+    return nullptr;
+  }
+  const bool plain = THPVariable_CheckExact(input) &&
+      THPVariable_CheckExact(weight) &&
+      (bias == Py_None || THPVariable_CheckExact(bias)) &&
+      THPVariable_CheckExact(active) &&
+      !at::impl::torch_function_mode_enabled();
+  if (!plain) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  HANDLE_TH_ERRORS
+  std::optional<at::Tensor> bias_tensor;
+  if (bias != Py_None) {
+    bias_tensor = THPVariable_Unpack(bias);
+  }
+  std::optional<double> fill;
+  if (mask_value != Py_None) {
+    fill = PyFloat_AsDouble(mask_value);
+    if (PyErr_Occurred()) {
+      return nullptr;
+    }
+  }
+  std::optional<int64_t> count;
+  if (live_count != Py_None) {
+    count = PyLong_AsLongLong(live_count);
+    if (PyErr_Occurred()) {
+      return nullptr;
+    }
+  }
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = growop::masked_linear(
+        THPVariable_Unpack(input), THPVariable_Unpack(weight), bias_tensor,
+        THPVariable_Unpack(active), c10::SymInt(width), fill,
+        std::string_view(strategy), count);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"masked_linear", masked_linear_binding, METH_VARARGS,
+     "torch.ops.growop.masked_linear.default for plain tensors, in eager mode"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// Lets setup.py build this as the importable module growop._C; importing it
+// runs the static registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
+}

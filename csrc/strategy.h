@@ -23,8 +23,11 @@ namespace growop {
 
 enum class Path { kDense, kGather };
 
-// R* on the CPU, measured with benchmarks/bench_linear.py (RESULTS.md).
-constexpr double kCpuCrossover = 1.5;
+// R* on the CPU, measured with benchmarks/bench_linear.py --crossover
+// (RESULTS.md): the gather kernels' overhead over a GEMM on the live rows is
+// under 10%, while dense pays width / live, so gather wins from R = 1.25 up
+// and dense keeps the calls where (nearly) every row below width is live.
+constexpr double kCpuCrossover = 1.1;
 // R* on CUDA: conservative until it is measured on a GPU.
 constexpr double kCudaCrossover = 4.0;
 

@@ -17,6 +17,7 @@ picks per call by the rule in ``csrc/strategy.h``. The environment variable
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Iterator
 
@@ -28,6 +29,11 @@ from growop import _extension
 BUILD = _extension.load()
 
 _ops = torch.ops.growop
+_masked_linear_op = _ops.masked_linear.default
+# The prebuilt module's direct binding of the same op (the JIT build loads as a plain library).
+_masked_linear_binding = (
+    importlib.import_module("growop._C").masked_linear if BUILD == "prebuilt" else None
+)
 
 STRATEGIES = ("auto", "dense", "gather")
 
@@ -80,9 +86,13 @@ def masked_linear(
     the number of live rows among the first ``width`` where the caller knows it, lets the
     ``auto`` strategy choose on CUDA without reading the mask; it never changes the result.
     """
-    return _ops.masked_linear.default(
-        input, weight, bias, active, width, mask_value, _strategy, live_count
-    )
+    # Eager calls with plain tensors take the direct binding; tracing, tensor subclasses and
+    # torch-function modes (the binding answers NotImplemented) take the op's Python face.
+    if _masked_linear_binding is not None and not torch.compiler.is_compiling():
+        out = _masked_linear_binding(input, weight, bias, active, width, mask_value, _strategy, live_count)
+        if out is not NotImplemented:
+            return out
+    return _masked_linear_op(input, weight, bias, active, width, mask_value, _strategy, live_count)
 
 
 def masked_linear_backward(

@@ -85,3 +85,25 @@ CAPACITY = {
     "all": 90, "prefix": 90, "random": 300, "dense": 300, "mixed": 900, "sparse": 300, "single": 90,
     "none": 90,
 }
+
+
+def capture_cuda_graph(step):
+    """Runs `step` once under ``torch.cuda.set_sync_debug_mode("error")``, so that any host
+    synchronisation fails, once on a side stream as a warm-up (as torch.cuda.graphs
+    recommends), then captures it: returns the graph and the outputs its replays rewrite."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    return graph, static

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import capture_cuda_graph
 from torch import nn
 
 import growop
@@ -94,21 +95,7 @@ def test_static_shape_forward_backward_graph_replays_after_grow_deactivate_react
         out = layer(x)
         return (out, *torch.autograd.grad(out, (x, layer.weight, layer.bias), grad_out))
 
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    graph, static = capture_cuda_graph(step)
 
     for change in (lambda: layer.grow(20), lambda: layer.deactivate([0, 7, 8]),
                    lambda: layer.reactivate(7), lambda: layer.grow(15)):
