@@ -30,15 +30,22 @@ enum class Path { kDense, kGather };
 constexpr double kCpuCrossover = 1.1;
 // R* on CUDA: conservative until it is measured on a GPU.
 constexpr double kCudaCrossover = 4.0;
+// Below this many multiply-adds saved per call (dead rows x batch x
+// in_features) gather's fixed cost outweighs what it saves: a small head is
+// one dense GEMM (on the CPU gather costs a (128, 64 -> 12) call about twice
+// what dense does).
+constexpr int64_t kMinSavedWork = int64_t{1} << 16;
 
 // `num_live`: the live rows among the first `width`, if known without a
-// device-to-host sync; without it `auto` takes dense.
+// device-to-host sync; without it `auto` takes dense. `row_work`: the
+// multiply-adds of one row, batch x in_features.
 inline Path choose_path(
     const char* op,
     std::string_view strategy,
     c10::DeviceType device,
     int64_t width,
-    std::optional<int64_t> num_live) {
+    std::optional<int64_t> num_live,
+    int64_t row_work) {
   if (strategy == "dense") {
     return Path::kDense;
   }
@@ -48,7 +55,8 @@ inline Path choose_path(
   TORCH_CHECK(
       strategy == "auto",
       op, ": strategy must be 'auto', 'dense' or 'gather', got '", strategy, "'");
-  if (!num_live.has_value()) {
+  if (!num_live.has_value() ||
+      (width - *num_live) * row_work < kMinSavedWork) {
     return Path::kDense;
   }
   const double crossover =

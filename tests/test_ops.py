@@ -348,12 +348,12 @@ def _grad_input_reads_dead_rows(device: str, live: int, live_count=None) -> bool
     """Whether a call multiplied rows that are not live, seen through a NaN in a dead row:
     dense multiplies every row below width (the mask zeroes the gradient columns, and
     0 * NaN is NaN), gather never reads a dead row."""
-    capacity = 64
+    capacity, in_features, batch = 64, 512, 4  # enough work for gather to be worth it
     active = torch.zeros(capacity, dtype=torch.bool, device=device)
     active[torch.arange(live, device=device) * (capacity // live)] = True
-    weight = torch.randn(capacity, 4, device=device)
+    weight = torch.randn(capacity, in_features, device=device)
     weight[~active] = float("nan")
-    x = torch.randn(3, 4, device=device, requires_grad=True)
+    x = torch.randn(batch, in_features, device=device, requires_grad=True)
     out = ops.masked_linear(x, weight, None, active, capacity, live_count=live_count)
     assert torch.isfinite(out[:, active]).all() and torch.all(out[:, ~active] == torch.finfo(torch.float32).min)
     (grad_input,) = torch.autograd.grad(out, x, torch.ones_like(out))
@@ -361,9 +361,9 @@ def _grad_input_reads_dead_rows(device: str, live: int, live_count=None) -> bool
 
 
 def test_auto_takes_dense_where_most_rows_are_live_and_gather_where_few_are(device):
-    """The rule (csrc/strategy.h): dense below the crossover width / live, gather beyond it.
-    The CPU counts the mask itself; CUDA decides from the caller's live_count and, without
-    one, takes dense."""
+    """The rule (csrc/strategy.h): dense below the crossover width / live, or where gather
+    would save too little work; gather beyond it. The CPU counts the mask itself; CUDA
+    decides from the caller's live_count and, without one, takes dense."""
     reads_dead = lambda live, hint=None: _grad_input_reads_dead_rows(device, live, hint)  # noqa: E731
     with growop.strategy("dense"):
         assert reads_dead(2)
@@ -373,6 +373,15 @@ def test_auto_takes_dense_where_most_rows_are_live_and_gather_where_few_are(devi
         assert reads_dead(60, 60)  # width / live = 16/15: dense
         assert not reads_dead(2, 2)  # width / live = 32: gather
         assert reads_dead(2) == (device == "cuda")  # no hint: the CPU counts, CUDA takes dense
+    # A small call is dense whatever the ratio: gather's fixed cost would outweigh it.
+    active = torch.zeros(12, dtype=torch.bool, device=device)
+    active[:2] = True
+    weight = torch.randn(12, 64, device=device)
+    weight[2:] = float("nan")
+    x = torch.randn(8, 64, device=device, requires_grad=True)
+    out = ops.masked_linear(x, weight, None, active, 12, live_count=2)
+    (grad_input,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert grad_input.isnan().any(), "(12 - 2) x 8 x 64 multiply-adds saved: too few for gather"
 
 
 # --------------------------------------------------------------------------- autograd

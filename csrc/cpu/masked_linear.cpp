@@ -427,10 +427,11 @@ at::Tensor masked_linear_cpu(
       op, input, weight, has_bias ? &*bias_opt : nullptr, active, width);
   const at::Tensor live_mask = active.contiguous();
   const int64_t num_live = count_live(live_mask, width);
-  const Path path = choose_path(op, strategy, c10::DeviceType::CPU, width, num_live);
-
   const at::Tensor x = as_matrix(input);
   const int64_t batch = x.size(0);
+  const Path path = choose_path(
+      op, strategy, c10::DeviceType::CPU, width, num_live, batch * weight.size(1));
+
   // The result is allocated in its final shape and written through a 2-D view:
   // an operator must not return a view of a tensor it made.
   at::Tensor result = at::empty(with_last_dim(input.sizes(), width), x.options());
@@ -462,10 +463,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
   const int64_t capacity = weight.size(0);
   const at::Tensor live_mask = active.contiguous();
   const int64_t num_live = count_live(live_mask, width);
-  const Path path = choose_path(op, strategy, c10::DeviceType::CPU, width, num_live);
-
   const at::Tensor g = as_matrix(grad_output);
   const at::Tensor x = as_matrix(input);
+  const Path path = choose_path(
+      op, strategy, c10::DeviceType::CPU, width, num_live, x.size(0) * weight.size(1));
   if (path == Path::kDense) {
     auto [grad_input, grad_weight, grad_bias] =
         dense::backward_outputs(input, weight, output_mask);

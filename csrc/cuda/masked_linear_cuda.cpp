@@ -162,13 +162,14 @@ at::Tensor masked_linear_cuda(
   constexpr const char* op = "growop.masked_linear";
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   checks::check_forward(op, input, weight, has_bias ? &*bias_opt : nullptr, active, width);
-  const Path path = choose_path(op, strategy, c10::DeviceType::CUDA, width, live_count);
   const int64_t in_features = weight.size(1);
   const c10::cuda::CUDAGuard guard(weight.device());
 
   const at::Tensor x = as_rows(input, in_features);
   const at::Tensor mask = active.contiguous();
   const int64_t batch = x.size(0);
+  const Path path = choose_path(
+      op, strategy, c10::DeviceType::CUDA, width, live_count, batch * in_features);
   // Allocated in its final shape: an operator must not return a view.
   at::Tensor result = at::empty(checks::with_last_dim(input.sizes(), width), x.options());
   if (batch == 0 || width == 0) {
@@ -210,7 +211,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
     std::optional<int64_t> live_count) {
   constexpr const char* op = "growop.masked_linear_backward";
   const int64_t width = checks::check_backward(op, grad_output, input, weight, active);
-  const Path path = choose_path(op, strategy, c10::DeviceType::CUDA, width, live_count);
   const int64_t in_features = weight.size(1);
   const c10::cuda::CUDAGuard guard(weight.device());
 
@@ -218,6 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
   const at::Tensor x = as_rows(input, in_features);
   const at::Tensor mask = active.contiguous();
   const int64_t batch = x.size(0);
+  const Path path = choose_path(
+      op, strategy, c10::DeviceType::CUDA, width, live_count, batch * in_features);
   auto [grad_input, grad_weight, grad_bias] =
       dense::backward_outputs(input, weight, output_mask);
   at::Tensor gi = output_mask[0] ? grad_input.view({batch, in_features}) : at::Tensor();
