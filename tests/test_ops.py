@@ -373,15 +373,15 @@ def test_auto_takes_dense_where_most_rows_are_live_and_gather_where_few_are(devi
         assert reads_dead(60, 60)  # width / live = 16/15: dense
         assert not reads_dead(2, 2)  # width / live = 32: gather
         assert reads_dead(2) == (device == "cuda")  # no hint: the CPU counts, CUDA takes dense
-    # A small call is dense whatever the ratio: gather's fixed cost would outweigh it.
-    active = torch.zeros(12, dtype=torch.bool, device=device)
-    active[:2] = True
-    weight = torch.randn(12, 64, device=device)
-    weight[2:] = float("nan")
-    x = torch.randn(8, 64, device=device, requires_grad=True)
-    out = ops.masked_linear(x, weight, None, active, 12, live_count=2)
-    (grad_input,) = torch.autograd.grad(out, x, torch.ones_like(out))
-    assert grad_input.isnan().any(), "(12 - 2) x 8 x 64 multiply-adds saved: too few for gather"
+        # A small call is dense whatever the ratio: gather's fixed cost would outweigh it.
+        active = torch.zeros(12, dtype=torch.bool, device=device)
+        active[:2] = True
+        weight = torch.randn(12, 64, device=device)
+        weight[2:] = float("nan")
+        x = torch.randn(8, 64, device=device, requires_grad=True)
+        out = ops.masked_linear(x, weight, None, active, 12, live_count=2)
+        (grad_input,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        assert grad_input.isnan().any(), "(12 - 2) x 8 x 64 multiply-adds saved: too few for gather"
 
 
 # --------------------------------------------------------------------------- autograd
