@@ -1,23 +1,23 @@
 """GrowLinear against nn.Linear sized to the live rows, side by side in one run.
 
-    python benchmarks/bench_linear.py            # every case (a few minutes on 2 cores)
-    python benchmarks/bench_linear.py --quick    # the two small cases only
+    python benchmarks/bench_linear.py                  # every CPU set (several minutes)
+    python benchmarks/bench_linear.py --sets heads     # the small heads only
+    python benchmarks/bench_linear.py --sets fragmented --crossover   # fragmented masks, R*
     python benchmarks/bench_linear.py --device cuda   # the GPU benchmark (see main_cuda)
 
-For each (batch, in_features, live rows) case and capacity (a multiple of the live rows),
-with the live rows as one prefix and as a fragmented mask (the live rows drawn at random
-from the first min(2 x live, capacity) rows: 50% density where the capacity allows), it
-times, interleaving the providers so drift hits all of them alike:
+Each CPU set is a list of (batch, in_features, live rows) cases, each with a capacity and a
+mask: ``heads``, the small heads at the default 25% headroom; ``fragmented``, every other
+row live within 2N rows (capacity 2.5N) and four rows of five within 1.25N; ``grid``, the
+earlier prefix / random-50% table over capacities 1.25x, 4x and 16x. It times, interleaving
+the providers so drift hits all of them alike:
 
-- forward alone, and forward+backward with fresh gradients every step (zero_grad sets
-  them to None, as training does), for:
+- forward alone (no_grad), and forward+backward with fresh gradients every step (zero_grad
+  sets them to None, as training does), for:
   ``linear``   nn.Linear holding only the live rows (the baseline of every ratio);
-  ``growop``   GrowLinear;
+  ``auto``, ``dense``, ``gather``   GrowLinear under each strategy (``growop.strategy``);
   ``slice``    F.linear on ``weight[:n]`` (prefix) or ``weight[idx]`` (fragmented) of the
                full-capacity Parameter: the plain approach without growop's kernels.
-- ``zero_ms``: the time to write zeros over the rows that are not live, on memory already
-  touched. A Parameter's gradient has its full shape, so those rows must be written every
-  step; ``growop_excl`` is growop's forward+backward minus that time, against the baseline.
+- ``--crossover``: dense against gather as width / live grows: how the CPU's R* was chosen.
 - grow latency: ``GrowLinear.grow(1)`` within capacity against
   ``growop.reference.add_output_nodes`` (a new nn.Linear with the rows copied).
 
@@ -47,11 +47,23 @@ import growop
 from growop.reference import add_output_nodes
 
 CASES = {
+    "tiny": (128, 64, 10),
+    "head": (128, 512, 100),
     "small": (256, 1024, 1000),
     "wide": (256, 1024, 10000),
     "vocab": (64, 4096, 32000),
 }
 CAPACITY_FACTORS = (1.25, 4.0, 16.0)
+# What each set of the CPU run measures: (case, capacity factor, mask) triples.
+SETS = {
+    # per-call cost at the default headroom
+    "heads": [(c, 1.25, "prefix") for c in ("tiny", "head")],
+    # fragmented masks at 50% and 80% density
+    "fragmented": [(c, 1.25, m) for c in ("wide", "vocab") for m in ("alt50", "frag80")],
+    # every case, capacity and mask of the earlier tables
+    "grid": [(c, f, m) for c in ("small", "wide", "vocab") for f in CAPACITY_FACTORS
+             for m in ("prefix", "fragmented")],
+}
 
 
 @dataclass
@@ -70,15 +82,17 @@ def summarize(samples: list[float]) -> Timing:
     return Timing(statistics.median(ordered) * 1e3, pick(0.2) * 1e3, pick(0.8) * 1e3)
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, Timing]:
-    """Runs each function once per round, round-robin, after one warm-up round."""
+def interleaved(fns: dict, repeats: int, inner: int = 1) -> dict[str, Timing]:
+    """Runs each function `inner` times per round, round-robin, after one warm-up round;
+    a sample is the time of one call."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeats + 1):
         for name, fn in fns.items():
             gc.collect()
             start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
+            for _ in range(inner):
+                fn()
+            elapsed = (time.perf_counter() - start) / inner
             if round_:
                 samples[name].append(elapsed)
     return {name: summarize(s) for name, s in samples.items()}
@@ -108,19 +122,35 @@ def training_step(forward, grad, params):
     return run
 
 
+STRATEGIES = ("auto", "dense", "gather")
+
+
+def under(strategy: str, fn):
+    """`fn` run under growop.strategy(strategy)."""
+
+    def run():
+        with growop.strategy(strategy):
+            return fn()
+
+    return run
+
+
 def provider_timings(timer, baseline, layer, x, slice_forward, grad_live, grad_growop):
-    """Forward alone (no autograd), then forward+backward, of the three providers, each
-    timed by ``timer`` (a dict of functions -> a dict of Timings)."""
+    """Forward alone (no autograd), then forward+backward, of nn.Linear, GrowLinear under
+    each strategy, and the slice, each timed by ``timer`` (a dict of functions -> a dict of
+    Timings)."""
     with torch.no_grad():
-        forward = timer({"linear": lambda: baseline(x), "growop": lambda: layer(x), "slice": slice_forward})
+        forward = timer({
+            "linear": lambda: baseline(x),
+            **{s: under(s, lambda: layer(x)) for s in STRATEGIES},
+            "slice": slice_forward,
+        })
     params = [layer.weight, layer.bias]
-    both = timer(
-        {
-            "linear": training_step(lambda: baseline(x), grad_live, list(baseline.parameters())),
-            "growop": training_step(lambda: layer(x), grad_growop, params),
-            "slice": training_step(slice_forward, grad_live, params),
-        }
-    )
+    both = timer({
+        "linear": training_step(lambda: baseline(x), grad_live, list(baseline.parameters())),
+        **{s: under(s, training_step(lambda: layer(x), grad_growop, params)) for s in STRATEGIES},
+        "slice": training_step(slice_forward, grad_live, params),
+    })
     return forward, both
 
 
@@ -132,20 +162,45 @@ def fragmented_mask(live: int, capacity: int, generator: torch.Generator) -> tor
     return active
 
 
+def regular_mask(live: int, capacity: int, density: float) -> torch.Tensor:
+    """`live` rows spread evenly at `density` from row 0: every other row at 0.5, four rows of
+    every five at 0.8."""
+    span = round(live / density)
+    rows = (torch.arange(live) / density).floor().long()
+    assert rows[-1] < span <= capacity and rows.unique().numel() == live
+    active = torch.zeros(capacity, dtype=torch.bool)
+    active[rows] = True
+    return active
+
+
+# mask name -> capacity factor it needs (None: the case's factor) and how rows lie.
+MASKS = {
+    "prefix": "prefix",
+    "fragmented": "random 50%",
+    "alt50": "every other row of 2N, capacity 2.5N",
+    "frag80": "4 of every 5 rows of 1.25N, capacity 1.5625N",
+}
+MASK_CAPACITY = {"alt50": 2.5, "frag80": 1.5625}
+
+
 def build_layer(in_features: int, live: int, capacity: int, mask: str, gen) -> growop.GrowLinear:
-    active = (
-        torch.arange(capacity) < live if mask == "prefix" else fragmented_mask(live, capacity, gen)
-    )
+    if mask == "prefix":
+        active = torch.arange(capacity) < live
+    elif mask == "fragmented":
+        active = fragmented_mask(live, capacity, gen)
+    else:
+        active = regular_mask(live, capacity, {"alt50": 0.5, "frag80": 0.8}[mask])
     out_features = int(active.nonzero().max()) + 1
     layer = growop.GrowLinear(in_features, out_features, capacity=capacity)
     with torch.no_grad():
         layer.active.copy_(active)
+    layer._live_count = live  # the mask was set directly: the host-side count to match
     return layer
 
 
 def bench_case(name: str, factor: float, mask: str, repeats: int, gen) -> dict:
     batch, in_features, live = CASES[name]
-    capacity = int(live * factor)
+    capacity = int(live * MASK_CAPACITY.get(mask, factor))
     layer = build_layer(in_features, live, capacity, mask, gen)
     live_rows = layer.active.nonzero().squeeze(1)
     weight, bias = layer.weight, layer.bias
@@ -157,42 +212,57 @@ def bench_case(name: str, factor: float, mask: str, repeats: int, gen) -> dict:
     grad_growop = torch.randn(batch, layer.out_features, generator=gen)
     grad_live = torch.randn(batch, live, generator=gen)
     prefix = mask == "prefix"
+    # Small heads take microseconds: each sample times a loop of calls.
+    inner = max(1, int(2e7 // (batch * in_features * live)))
 
     slice_forward = plain_slice_forward(x, weight, bias, live_rows, prefix)
     forward, both = provider_timings(
-        lambda fns: interleaved(fns, repeats), baseline, layer, x, slice_forward, grad_live, grad_growop
+        lambda fns: interleaved(fns, repeats, inner), baseline, layer, x, slice_forward, grad_live,
+        grad_growop,
     )
-    dead_rows = capacity - live
-    warm = torch.zeros(dead_rows, in_features)
-    zero = interleaved({"zero": warm.zero_}, repeats)["zero"]
-    del warm
-
     base_fwd, base_both = forward["linear"].median, both["linear"].median
-    return {
-        "case": name,
-        "batch": batch,
-        "in": in_features,
-        "live": live,
-        "capacity": capacity,
-        "factor": factor,
-        "mask": mask,
-        "fwd_linear_ms": base_fwd,
-        "fwd_growop_ms": forward["growop"].median,
-        "fwd_growop_p20_ms": forward["growop"].p20,
-        "fwd_growop_p80_ms": forward["growop"].p80,
-        "fwd_slice_ms": forward["slice"].median,
-        "fwd_ratio": forward["growop"].median / base_fwd,
-        "fwd_slice_ratio": forward["slice"].median / base_fwd,
-        "fb_linear_ms": base_both,
-        "fb_growop_ms": both["growop"].median,
-        "fb_growop_p20_ms": both["growop"].p20,
-        "fb_growop_p80_ms": both["growop"].p80,
-        "fb_slice_ms": both["slice"].median,
-        "fb_ratio": both["growop"].median / base_both,
-        "fb_slice_ratio": both["slice"].median / base_both,
-        "zero_ms": zero.median,
-        "fb_ratio_excl_zero": (both["growop"].median - zero.median) / base_both,
+    row = {
+        "case": name, "batch": batch, "in": in_features, "live": live, "capacity": capacity,
+        "width": layer.out_features, "mask": mask, "fwd_linear_ms": base_fwd, "fb_linear_ms": base_both,
     }
+    for provider in (*STRATEGIES, "slice"):
+        row[f"fwd_{provider}_ms"] = forward[provider].median
+        row[f"fwd_{provider}_ratio"] = forward[provider].median / base_fwd
+        row[f"fb_{provider}_ms"] = both[provider].median
+        row[f"fb_{provider}_p20_ms"] = both[provider].p20
+        row[f"fb_{provider}_p80_ms"] = both[provider].p80
+        row[f"fb_{provider}_ratio"] = both[provider].median / base_both
+    return row
+
+
+CROSSOVER_RATIOS = (1.25, 1.5, 2.0, 3.0, 4.0, 8.0)
+
+
+def crossover(repeats: int, gen) -> list[dict]:
+    """Forward+backward under dense and under gather, for live rows spread evenly over
+    width = R x live rows, at (256, 1024, 1000) and (64, 4096, 4000): where gather starts to
+    win is the CPU's R* (csrc/strategy.h)."""
+    print("\ndense vs gather, forward+backward ms, live rows spread evenly over width = R x live")
+    print(f"{'case':16} " + " ".join(f"{'R=' + str(r):>14}" for r in CROSSOVER_RATIOS))
+    rows = []
+    for batch, in_features, live in ((256, 1024, 1000), (64, 4096, 4000)):
+        cells = []
+        for ratio in CROSSOVER_RATIOS:
+            capacity = round(live * ratio)
+            active = regular_mask(live, capacity, 1 / ratio)
+            layer = growop.GrowLinear(in_features, capacity, capacity=capacity)
+            with torch.no_grad():
+                layer.active.copy_(active)
+            x = torch.randn(batch, in_features, generator=gen)
+            grad = torch.randn(batch, capacity, generator=gen)
+            params = [layer.weight, layer.bias]
+            step = training_step(lambda: layer(x), grad, params)
+            t = interleaved({s: under(s, step) for s in ("dense", "gather")}, repeats)
+            rows.append({"case": "crossover", "batch": batch, "in": in_features, "live": live,
+                         "ratio": ratio, "dense_ms": t["dense"].median, "gather_ms": t["gather"].median})
+            cells.append(f"{t['dense'].median:6.1f}/{t['gather'].median:<7.1f}")
+        print(f"{str((batch, in_features, live)):16} " + " ".join(f"{c:>14}" for c in cells), flush=True)
+    return rows
 
 
 def bench_grow(factor: float, repeats: int) -> dict:
@@ -226,8 +296,16 @@ def machine() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="only the two small cases, fewer repeats")
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS),
+                        help="which CPU cases (default: all)")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None,
+                        help="only these cases of the sets")
+    parser.add_argument("--crossover", action="store_true",
+                        help="also time dense against gather across width / live (how R* was chosen)")
+    parser.add_argument("--grow", action=argparse.BooleanOptionalAction, default=True,
+                        help="the grow-latency table")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per measurement")
     parser.add_argument("--csv", default=None,
                         help="CSV to append to (default benchmarks/bench_linear.csv, "
@@ -243,32 +321,38 @@ def main(argv=None) -> None:
     if args.device == "cuda":
         main_cuda(args)
         return
-    cases = args.cases or (["small", "wide"] if args.quick else list(CASES))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs = [run for name in args.sets for run in SETS[name]]
+    if args.cases:
+        runs = [run for run in runs if run[0] in args.cases]
     gen = torch.Generator().manual_seed(0)
     stamp = f"{machine()}; torch {torch.__version__}; {datetime.date.today()}"
     print(f"# {stamp}")
+    print("# x = time / nn.Linear on the live rows (median); fwd under no_grad; f+b = forward+backward")
 
     rows = []
-    header = (f"{'case':6} {'cap':>5} {'mask':10} {'fwd ms':>8} {'fwd x':>6} {'slice x':>7} "
-              f"{'f+b ms':>8} {'f+b x':>6} {'slice x':>7} {'zero ms':>8} {'excl x':>6}")
+    header = (f"{'case':6} {'cap':>6} {'width':>6} {'mask':10} {'lin f+b ms':>10} "
+              + " ".join(f"{'fwd ' + s:>10}" for s in STRATEGIES) + " "
+              + " ".join(f"{'f+b ' + s:>10}" for s in (*STRATEGIES, "slice")))
     print(header)
-    for name in cases:
-        for factor in CAPACITY_FACTORS:
-            for mask in ("prefix", "fragmented"):
-                big = CASES[name][2] * factor * CASES[name][1] > 2e8
-                repeats = args.repeats or (3 if big or args.quick else 7)
-                row = bench_case(name, factor, mask, repeats, gen)
-                rows.append(row)
-                print(f"{name:6} {factor:>5} {mask:10} {row['fwd_growop_ms']:8.2f} {row['fwd_ratio']:6.2f} "
-                      f"{row['fwd_slice_ratio']:7.2f} {row['fb_growop_ms']:8.2f} {row['fb_ratio']:6.2f} "
-                      f"{row['fb_slice_ratio']:7.2f} {row['zero_ms']:8.2f} {row['fb_ratio_excl_zero']:6.2f}",
-                      flush=True)
-                gc.collect()
+    for name, factor, mask in runs:
+        big = CASES[name][2] * CASES[name][1] * factor > 2e8
+        repeats = args.repeats or (3 if big or args.quick else 7)
+        row = bench_case(name, factor, mask, repeats, gen)
+        rows.append(row)
+        print(f"{name:6} {row['capacity']:6} {row['width']:6} {mask:10} {row['fb_linear_ms']:10.3f} "
+              + " ".join(f"{row[f'fwd_{s}_ratio']:10.2f}" for s in STRATEGIES) + " "
+              + " ".join(f"{row[f'fb_{s}_ratio']:10.2f}" for s in (*STRATEGIES, "slice")), flush=True)
+        gc.collect()
+    if args.crossover:
+        rows += crossover(args.repeats or 5, gen)
 
-    print("\ngrow(1) within capacity vs add_output_nodes, (in, rows) = (4096, 32000)")
-    print(f"{'cap':>7} {'grow ms':>9} {'copy ms':>9} {'speedup':>8}")
+    if args.grow:
+        print("\ngrow(1) within capacity vs add_output_nodes, (in, rows) = (4096, 32000)")
+        print(f"{'cap':>7} {'grow ms':>9} {'copy ms':>9} {'speedup':>8}")
     grows = []
-    for factor in CAPACITY_FACTORS:
+    for factor in CAPACITY_FACTORS if args.grow else ():
         if args.quick and factor > 4:
             continue
         g = bench_grow(factor, 5)
@@ -331,6 +415,7 @@ def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen) 
     layer = growop.GrowLinear(in_features, out_features, capacity=capacity, device=device, dtype=dtype)
     with torch.no_grad():
         layer.active.copy_(active)
+    layer._live_count = live  # the mask was set directly: the host-side count to match
     live_rows = layer.active.nonzero().squeeze(1)
     weight, bias = layer.weight, layer.bias
     baseline = torch.nn.Linear(in_features, live, device=device, dtype=dtype)
@@ -343,7 +428,7 @@ def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen) 
 
     with torch.no_grad():  # the same function as nn.Linear, and as accurate
         exact = F.linear(x.double(), baseline.weight.double(), baseline.bias.double())
-        ours, theirs = layer(x)[:, live_rows], baseline(x)
+        ours, theirs = layer(x)[:, live_rows], baseline(x)  # under the strategy in force
         err, torch_err = relative_error(ours, exact), relative_error(theirs, exact)
         del exact, ours, theirs
 
@@ -357,20 +442,16 @@ def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen) 
     base_fwd, base_both = forward["linear"].median, both["linear"].median
     row = {
         "dtype": dtype_name, "mask": mask, "batch": batch, "in": in_features, "live": live,
-        "capacity": capacity,
-        "fwd_linear_ms": base_fwd, "fwd_growop_ms": forward["growop"].median,
-        "fwd_growop_p20_ms": forward["growop"].p20, "fwd_growop_p80_ms": forward["growop"].p80,
-        "fwd_slice_ms": forward["slice"].median,
-        "fwd_ratio": forward["growop"].median / base_fwd,
-        "fb_linear_ms": base_both, "fb_growop_ms": both["growop"].median,
-        "fb_growop_p20_ms": both["growop"].p20, "fb_growop_p80_ms": both["growop"].p80,
-        "fb_slice_ms": both["slice"].median,
-        "fb_ratio": both["growop"].median / base_both,
-        "fwd_growop_tflops": flops / forward["growop"].median / 1e9,
+        "capacity": capacity, "fwd_linear_ms": base_fwd, "fb_linear_ms": base_both,
         "fwd_linear_tflops": flops / base_fwd / 1e9,
-        "fb_growop_tflops": 3 * flops / both["growop"].median / 1e9,
-        "rel_err": err, "torch_rel_err": torch_err,
     }
+    for provider in (*STRATEGIES, "slice"):
+        row[f"fwd_{provider}_ms"] = forward[provider].median
+        row[f"fwd_{provider}_ratio"] = forward[provider].median / base_fwd
+        row[f"fb_{provider}_ms"] = both[provider].median
+        row[f"fb_{provider}_ratio"] = both[provider].median / base_both
+        row[f"fb_{provider}_tflops"] = 3 * flops / both[provider].median / 1e9
+    row["rel_err"], row["torch_rel_err"] = err, torch_err
     del layer, baseline, x, grad_growop, grad_live
     gc.collect()
     torch.cuda.empty_cache()
@@ -411,18 +492,19 @@ def main_cuda(args) -> None:
     print(f"# {stamp}")
     print(f"# (batch, in, live) = {CUDA_CASE}; x = growop / nn.Linear on the live rows (medians of "
           f"{args.repeats or 10} CUDA-event timings); err x = growop's error / nn.Linear's, against float64")
-    header = (f"{'dtype':5} {'mask':12} {'cap':>6} {'fwd ms':>8} {'fwd x':>6} {'TFLOP/s':>8} "
-              f"{'f+b ms':>8} {'f+b x':>6} {'slice x':>7} {'err x':>6}")
+    header = (f"{'dtype':5} {'mask':12} {'cap':>6} {'lin f+b ms':>10} "
+              + " ".join(f"{'fwd ' + s:>10}" for s in STRATEGIES) + " "
+              + " ".join(f"{'f+b ' + s:>10}" for s in (*STRATEGIES, "slice")) + f" {'err x':>6}")
     print(header)
     rows = []
     for dtype_name in args.dtypes:
         for mask in args.masks:
             row = bench_cuda_case(dtype_name, mask, warmup=3, repeats=args.repeats or 10, gen=gen)
             rows.append(row)
-            print(f"{dtype_name:5} {mask:12} {row['capacity']:6} {row['fwd_growop_ms']:8.2f} "
-                  f"{row['fwd_ratio']:6.2f} {row['fwd_growop_tflops']:8.0f} {row['fb_growop_ms']:8.2f} "
-                  f"{row['fb_ratio']:6.2f} {row['fb_slice_ms'] / row['fb_linear_ms']:7.2f} "
-                  f"{row['rel_err'] / row['torch_rel_err']:6.2f}", flush=True)
+            print(f"{dtype_name:5} {mask:12} {row['capacity']:6} {row['fb_linear_ms']:10.2f} "
+                  + " ".join(f"{row[f'fwd_{s}_ratio']:10.2f}" for s in STRATEGIES) + " "
+                  + " ".join(f"{row[f'fb_{s}_ratio']:10.2f}" for s in (*STRATEGIES, "slice"))
+                  + f" {row['rel_err'] / row['torch_rel_err']:6.2f}", flush=True)
     print(f"\ngrow(1) within capacity vs add_output_nodes on {name}, bf16, (in, rows) = "
           f"({CUDA_CASE[1]}, {CUDA_CASE[2]})")
     g = bench_cuda_grow(repeats=10)

@@ -1,32 +1,362 @@
-// Operator schemas of the growop library. Each backend registers its kernels
-// in its own file (csrc/cpu/, csrc/cuda/); fake (meta) kernels and autograd
-// are registered from Python in growop/ops.py.
+// Operator schemas of the growop library and their autograd. Each backend
+// registers its kernels in its own file (csrc/cpu/, csrc/cuda/); fake (meta)
+// kernels, batching rules and autocast are registered from Python in
+// growop/ops.py.
+//
+// Autograd is C++ (the Autograd dispatch key), so a call never leaves C++
+// between the op and its kernels, and it composes with torch.func as a
+// native op's does. The backward op has its own autograd formula in terms of the
+// two ops, so gradients of any order work.
 #include <Python.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/pybind11.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
-// Lets setup.py build this as the importable module growop._C; importing it
-// runs the static registrations below.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+#include <array>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
 
 TORCH_LIBRARY(growop, m) {
   // out[..., j] = input @ weight[j] + bias[j] where active[j], else mask_value,
   // for j < width. mask_value None means the lowest finite value of the dtype.
+  // strategy: "auto", "dense" or "gather" (csrc/strategy.h); live_count, the
+  // live rows among the first width if the caller knows them, lets auto choose
+  // without reading the mask on the host.
   m.def(
       "masked_linear(Tensor input, Tensor weight, Tensor? bias, Tensor active, "
-      "SymInt width, float? mask_value) -> Tensor");
-  // d(input) = grad_output[..., live] @ weight[live]
+      "SymInt width, float? mask_value=None, str strategy=\"auto\", "
+      "int? live_count=None) -> Tensor");
+  // The gradients of masked_linear for grad_output (*, width), each computed
+  // where output_mask asks (else an empty tensor):
+  //   grad_input               = grad_output[..., live] @ weight[live]
+  //   grad_weight[live]        = grad_output[..., live]^T @ input
+  //   grad_bias[live]          = grad_output[..., live] summed over the batch
+  // with every row of grad_weight and grad_bias that is not live zero.
   m.def(
-      "masked_linear_backward_input(Tensor grad_output, Tensor weight, "
-      "Tensor active) -> Tensor");
-  // d(weight)[live] = grad_output[..., live]^T @ input; every other row zero.
-  m.def(
-      "masked_linear_backward_weight(Tensor grad_output, Tensor input, "
-      "Tensor active) -> Tensor");
-  // d(bias)[live] = grad_output[..., live] summed over the batch; others zero.
-  m.def(
-      "masked_linear_backward_bias(Tensor grad_output, Tensor active) -> Tensor");
+      "masked_linear_backward(Tensor grad_output, Tensor input, Tensor weight, "
+      "Tensor active, bool[3] output_mask, str strategy=\"auto\", "
+      "int? live_count=None) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace growop {
+namespace {
+
+using at::Tensor;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
+
+Tensor masked_linear(
+    const Tensor& input,
+    const Tensor& weight,
+    const std::optional<Tensor>& bias,
+    const Tensor& active,
+    const c10::SymInt& width,
+    std::optional<double> mask_value,
+    std::string_view strategy,
+    std::optional<int64_t> live_count) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("growop::masked_linear", "")
+          .typed<Tensor(
+              const Tensor&, const Tensor&, const std::optional<Tensor>&,
+              const Tensor&, c10::SymInt, std::optional<double>,
+              c10::string_view, std::optional<int64_t>)>();
+  return op.call(
+      input, weight, bias, active, width, mask_value, strategy, live_count);
+}
+
+std::tuple<Tensor, Tensor, Tensor> masked_linear_backward(
+    const Tensor& grad_output,
+    const Tensor& input,
+    const Tensor& weight,
+    const Tensor& active,
+    std::array<bool, 3> output_mask,
+    std::string_view strategy,
+    std::optional<int64_t> live_count) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("growop::masked_linear_backward", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor>(
+              const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+              std::array<bool, 3>, c10::string_view, std::optional<int64_t>)>();
+  return op.call(
+      grad_output, input, weight, active, output_mask, strategy, live_count);
+}
+
+// The autograd nodes are written as ATen's generated ones are (a Node with
+// SavedVariables, set as the outputs' grad_fn), not as a
+// torch::autograd::Function, which torch.func refuses.
+
+// Gradient of masked_linear; next edges: input, weight, bias.
+struct MaskedLinearBackward : public Node {
+  SavedVariable input;
+  SavedVariable weight;
+  // Saved so that autograd's version check catches a mask changed between
+  // forward and backward instead of silently mixing two masks.
+  SavedVariable active;
+  bool has_bias = false;
+  std::string strategy;
+  std::optional<int64_t> live_count;
+
+  std::string name() const override {
+    return "MaskedLinearBackward";
+  }
+
+  void release_variables() override {
+    input.reset_data();
+    weight.reset_data();
+    active.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    const std::array<bool, 3> output_mask = {
+        task_should_compute_output(0),
+        task_should_compute_output(1),
+        has_bias && task_should_compute_output(2)};
+    variable_list result(3);
+    if (!grads[0].defined() ||
+        !(output_mask[0] || output_mask[1] || output_mask[2])) {
+      return result;
+    }
+    auto [grad_input, grad_weight, grad_bias] = masked_linear_backward(
+        grads[0], input.unpack(), weight.unpack(), active.unpack(), output_mask,
+        strategy, live_count);
+    const std::array<Tensor, 3> computed = {grad_input, grad_weight, grad_bias};
+    for (size_t i = 0; i < 3; ++i) {
+      if (output_mask[i]) {
+        result[i] = computed[i];
+      }
+    }
+    return result;
+  }
+};
+
+// Gradient of masked_linear_backward; next edges: grad_output, input, weight.
+// With g the grad_output and ggi, ggw, ggb the gradients arriving for its
+// three outputs (counted only where output_mask computed them):
+//   d g      = masked_linear(ggi, weight, -, mask value 0)
+//            + masked_linear(input, ggw, ggb, mask value 0)
+//   d input  = g[..., live] @ ggw[live]   (backward's grad_input, weight ggw)
+//   d weight = g[..., live]^T @ ggi       (backward's grad_weight, input ggi)
+struct MaskedLinearDoubleBackward : public Node {
+  SavedVariable grad_output;
+  SavedVariable input;
+  SavedVariable weight;
+  SavedVariable active;
+  std::array<bool, 3> computed{};
+  std::string strategy;
+  std::optional<int64_t> live_count;
+
+  std::string name() const override {
+    return "MaskedLinearDoubleBackward";
+  }
+
+  void release_variables() override {
+    grad_output.reset_data();
+    input.reset_data();
+    weight.reset_data();
+    active.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    const auto arriving = [&](size_t i) {
+      return computed[i] && grads[i].defined() ? grads[i] : Tensor();
+    };
+    const Tensor ggi = arriving(0);
+    const Tensor ggw = arriving(1);
+    const Tensor ggb = arriving(2);
+    const Tensor g = grad_output.unpack();
+    const Tensor x = input.unpack();
+    const Tensor w = weight.unpack();
+    const Tensor mask = active.unpack();
+    const c10::SymInt width = g.sym_size(-1);
+
+    variable_list result(3);
+    if (task_should_compute_output(0)) {
+      Tensor grad;
+      if (ggi.defined()) {
+        grad = masked_linear(ggi, w, std::nullopt, mask, width, 0.0, strategy, live_count);
+      }
+      if (ggw.defined() || ggb.defined()) {
+        const Tensor term = masked_linear(
+            x, ggw.defined() ? ggw : at::zeros_like(w),
+            ggb.defined() ? std::optional<Tensor>(ggb) : std::nullopt, mask,
+            width, 0.0, strategy, live_count);
+        grad = grad.defined() ? grad.add(term) : term;
+      }
+      result[0] = grad;
+    }
+    const std::array<bool, 3> output_mask = {
+        task_should_compute_output(1) && ggw.defined(),
+        task_should_compute_output(2) && ggi.defined(),
+        false};
+    if (output_mask[0] || output_mask[1]) {
+      auto [grad_input, grad_weight, unused] = masked_linear_backward(
+          g, output_mask[1] ? ggi : x, output_mask[0] ? ggw : w, mask,
+          output_mask, strategy, live_count);
+      result[1] = output_mask[0] ? grad_input : Tensor();
+      result[2] = output_mask[1] ? grad_weight : Tensor();
+    }
+    return result;
+  }
+};
+
+Tensor masked_linear_autograd(
+    const Tensor& input,
+    const Tensor& weight,
+    const std::optional<Tensor>& bias,
+    const Tensor& active,
+    c10::SymInt width,
+    std::optional<double> mask_value,
+    c10::string_view strategy,
+    std::optional<int64_t> live_count) {
+  c10::intrusive_ptr<MaskedLinearBackward> grad_fn;
+  if (torch::autograd::compute_requires_grad(input, weight, bias)) {
+    grad_fn = c10::make_intrusive<MaskedLinearBackward>();
+    grad_fn->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
+    grad_fn->input = SavedVariable(input, false);
+    grad_fn->weight = SavedVariable(weight, false);
+    grad_fn->active = SavedVariable(active, false);
+    grad_fn->has_bias = bias.has_value() && bias->defined();
+    grad_fn->strategy = std::string(strategy);
+    grad_fn->live_count = live_count;
+  }
+  Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = masked_linear(
+        input, weight, bias, active, width, mask_value, strategy, live_count);
+  }
+  if (grad_fn) {
+    torch::autograd::set_history(out, grad_fn);
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_autograd(
+    const Tensor& grad_output,
+    const Tensor& input,
+    const Tensor& weight,
+    const Tensor& active,
+    std::array<bool, 3> output_mask,
+    c10::string_view strategy,
+    std::optional<int64_t> live_count) {
+  c10::intrusive_ptr<MaskedLinearDoubleBackward> grad_fn;
+  if (torch::autograd::compute_requires_grad(grad_output, input, weight)) {
+    grad_fn = c10::make_intrusive<MaskedLinearDoubleBackward>();
+    grad_fn->set_next_edges(
+        torch::autograd::collect_next_edges(grad_output, input, weight));
+    grad_fn->grad_output = SavedVariable(grad_output, false);
+    grad_fn->input = SavedVariable(input, false);
+    grad_fn->weight = SavedVariable(weight, false);
+    grad_fn->active = SavedVariable(active, false);
+    grad_fn->computed = output_mask;
+    grad_fn->strategy = std::string(strategy);
+    grad_fn->live_count = live_count;
+  }
+  std::tuple<Tensor, Tensor, Tensor> grads;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    grads = masked_linear_backward(
+        grad_output, input, weight, active, output_mask, strategy, live_count);
+  }
+  if (grad_fn) {
+    torch::autograd::set_history(
+        {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)}, grad_fn);
+  }
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(growop, Autograd, m) {
+  m.impl("masked_linear", &masked_linear_autograd);
+  m.impl("masked_linear_backward", &masked_linear_backward_autograd);
+}
+
+}  // namespace growop
+
+namespace {
+
+// growop._C.masked_linear(input, weight, bias, active, width, mask_value,
+// strategy, live_count): the same dispatcher call as
+// torch.ops.growop.masked_linear.default, without the generic binding's cost
+// of matching Python values to the schema, which a small layer feels. It
+// returns NotImplemented where that binding must run instead: a tensor
+// subclass or a torch-function mode may override the call.
+PyObject* masked_linear_binding(PyObject* /*module*/, PyObject* args) {
+  PyObject* input = nullptr;
+  PyObject* weight = nullptr;
+  PyObject* bias = nullptr;
+  PyObject* active = nullptr;
+  long long width = 0;
+  PyObject* mask_value = nullptr;
+  const char* strategy = nullptr;
+  PyObject* live_count = nullptr;
+  if (!PyArg_ParseTuple(
+          args, "OOOOLOsO", &input, &weight, &bias, &active, &width,
+          &mask_value, &strategy, &live_count)) {
+    return nullptr;
+  }
+  const bool plain = THPVariable_CheckExact(input) &&
+      THPVariable_CheckExact(weight) &&
+      (bias == Py_None || THPVariable_CheckExact(bias)) &&
+      THPVariable_CheckExact(active) &&
+      !at::impl::torch_function_mode_enabled();
+  if (!plain) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  HANDLE_TH_ERRORS
+  std::optional<at::Tensor> bias_tensor;
+  if (bias != Py_None) {
+    bias_tensor = THPVariable_Unpack(bias);
+  }
+  std::optional<double> fill;
+  if (mask_value != Py_None) {
+    fill = PyFloat_AsDouble(mask_value);
+    if (PyErr_Occurred()) {
+      return nullptr;
+    }
+  }
+  std::optional<int64_t> count;
+  if (live_count != Py_None) {
+    count = PyLong_AsLongLong(live_count);
+    if (PyErr_Occurred()) {
+      return nullptr;
+    }
+  }
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = growop::masked_linear(
+        THPVariable_Unpack(input), THPVariable_Unpack(weight), bias_tensor,
+        THPVariable_Unpack(active), c10::SymInt(width), fill,
+        std::string_view(strategy), count);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"masked_linear", masked_linear_binding, METH_VARARGS,
+     "torch.ops.growop.masked_linear.default for plain tensors, in eager mode"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// Lets setup.py build this as the importable module growop._C; importing it
+// runs the static registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
 }

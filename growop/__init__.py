@@ -9,9 +9,18 @@ from growop import ops
 from growop.embedding import GrowEmbedding
 from growop.functional import masked_linear
 from growop.modules import GrowLinear, default_capacity
+from growop.ops import get_strategy, strategy
 from growop.rows import grow_together, tie
 
-__all__ = ["GrowLinear", "default_capacity", "masked_linear", "ops"]
-__all__ += ["grow_together", "tie"]
-__all__ += ["GrowEmbedding"]
+__all__ = [
+    "GrowEmbedding",
+    "GrowLinear",
+    "default_capacity",
+    "get_strategy",
+    "grow_together",
+    "masked_linear",
+    "ops",
+    "strategy",
+    "tie",
+]
 __version__ = "0.1.0"

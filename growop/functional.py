@@ -15,6 +15,7 @@ def masked_linear(
     active: Tensor,
     out_features: int | None = None,
     mask_value: float | None = None,
+    live_count: int | None = None,
 ) -> Tensor:
     """A linear layer over the live rows of an over-provisioned weight.
 
@@ -28,12 +29,16 @@ def masked_linear(
         mask_value: the value of every column whose row is not live. ``None`` means the
             lowest finite value of the dtype (``torch.finfo(dtype).min``), which softmax and
             cross-entropy treat as probability zero while staying finite.
+        live_count: the number of live rows among the first ``out_features``, if the caller
+            knows it without reading ``active`` (``GrowLinear`` keeps it on the host). The
+            ``auto`` strategy uses it to choose between the dense and the gather kernels; it
+            never changes the result. Without it CUDA takes dense; the CPU counts the mask.
 
     Returns:
         ``(*, out_features)``: column ``j`` is ``input @ weight[j] + bias[j]`` where
         ``active[j]``, else ``mask_value``. Gradients are those of ``F.linear`` on the live
-        rows; rows that are not live get zero gradient. Work follows the live rows, not the
-        capacity.
+        rows; rows that are not live get zero gradient. See ``growop.strategy`` for how it is
+        computed.
     """
     width = weight.shape[0] if out_features is None else out_features
-    return ops.masked_linear(input, weight, bias, active, width, mask_value)
+    return ops.masked_linear(input, weight, bias, active, width, mask_value, live_count)

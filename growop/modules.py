@@ -115,6 +115,9 @@ class GrowLinear(GrowRows, nn.Linear):
         return self._masked_linear(input, self.out_features)
 
     def _masked_linear(self, input: Tensor, width: int) -> Tensor:
+        # The host-side live count lets auto choose a strategy without a sync. Under compile
+        # it is left out: an int that changes on every grow would be a guard, and a recompile.
+        live_count = None if torch.compiler.is_compiling() else self._live_count
         return functional.masked_linear(
             input,
             self.weight,
@@ -122,6 +125,7 @@ class GrowLinear(GrowRows, nn.Linear):
             active=self.active,
             out_features=width,
             mask_value=self.mask_value,
+            live_count=live_count,
         )
 
     def extra_repr(self) -> str:

@@ -1,13 +1,25 @@
-"""The ``torch.ops.growop`` operators: typed wrappers, fake kernels and autograd.
+"""The ``torch.ops.growop`` operators: typed wrappers, fake kernels, batching rules,
+autocast, and the strategy switch.
 
-The kernels live in ``csrc/``; this file gives each operator its Python face. Every
-operator has a fake (meta) kernel, so it traces under ``torch.compile`` and runs on the
-meta device, and ``masked_linear`` has an autograd formula whose backward is made of the
-three registered backward operators, and an autocast rule that makes it behave as
-``F.linear`` does under ``torch.autocast``.
+The kernels and the autograd formulas live in ``csrc/`` (autograd is C++, so a call does
+not come back to Python between the op and its kernels, and it composes with ``torch.func``
+and with gradients of any order). This file gives each operator its Python face: a fake
+(meta) kernel, so it traces under ``torch.compile`` and runs on the meta device; a
+``torch.func.vmap`` batching rule; and an autocast rule that makes ``masked_linear``
+behave as ``F.linear`` does under ``torch.autocast``.
+
+Strategy: each call is computed ``dense`` (one GEMM over the first ``width`` rows, dead
+columns masked after) or ``gather`` (kernels whose work follows the live rows); ``auto``
+picks per call by the rule in ``csrc/strategy.h``. The environment variable
+``GROWOP_STRATEGY`` (read at import) and :func:`strategy` force one.
 """
 
 from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -17,6 +29,46 @@ from growop import _extension
 BUILD = _extension.load()
 
 _ops = torch.ops.growop
+_masked_linear_op = _ops.masked_linear.default
+# The prebuilt module's direct binding of the same op (the JIT build loads as a plain library).
+_masked_linear_binding = (
+    importlib.import_module("growop._C").masked_linear if BUILD == "prebuilt" else None
+)
+
+STRATEGIES = ("auto", "dense", "gather")
+
+
+def _checked_strategy(name: str, where: str) -> str:
+    if name not in STRATEGIES:
+        raise ValueError(f"{where} must be one of {', '.join(STRATEGIES)}; got {name!r}")
+    return name
+
+
+# Read by every call. Under torch.compile the value is a constant of the graph, guarded:
+# changing it recompiles once, and nothing else (grow, deactivate) touches it.
+_strategy = _checked_strategy(os.environ.get("GROWOP_STRATEGY", "auto"), "GROWOP_STRATEGY")
+
+
+def get_strategy() -> str:
+    """The strategy in force: ``"auto"``, ``"dense"`` or ``"gather"``."""
+    return _strategy
+
+
+@contextlib.contextmanager
+def strategy(name: str) -> Iterator[None]:
+    """Forces how masked linears are computed inside the ``with`` block.
+
+    ``"dense"``: one GEMM over the first ``width`` rows, dead columns masked after.
+    ``"gather"``: kernels whose work follows the live rows. ``"auto"``: chosen per call.
+    The previous strategy is restored on exit. Not thread-local.
+    """
+    global _strategy
+    saved = _strategy
+    _strategy = _checked_strategy(name, "growop.strategy")
+    try:
+        yield
+    finally:
+        _strategy = saved
 
 
 def masked_linear(
@@ -26,27 +78,42 @@ def masked_linear(
     active: Tensor,
     width: int,
     mask_value: float | None = None,
+    live_count: int | None = None,
 ) -> Tensor:
     """``out[..., j] = input @ weight[j] + bias[j]`` for live ``j < width``, else ``mask_value``.
 
-    ``mask_value=None`` means the lowest finite value of the input's dtype.
+    ``mask_value=None`` means the lowest finite value of the input's dtype. ``live_count``,
+    the number of live rows among the first ``width`` where the caller knows it, lets the
+    ``auto`` strategy choose on CUDA without reading the mask; it never changes the result.
     """
-    return _ops.masked_linear.default(input, weight, bias, active, width, mask_value)
+    # Eager calls with plain tensors take the direct binding; tracing, tensor subclasses and
+    # torch-function modes (the binding answers NotImplemented) take the op's Python face.
+    if _masked_linear_binding is not None and not torch.compiler.is_compiling():
+        out = _masked_linear_binding(input, weight, bias, active, width, mask_value, _strategy, live_count)
+        if out is not NotImplemented:
+            return out
+    return _masked_linear_op(input, weight, bias, active, width, mask_value, _strategy, live_count)
 
 
-def masked_linear_backward_input(grad_output: Tensor, weight: Tensor, active: Tensor) -> Tensor:
-    """Gradient of ``masked_linear`` with respect to ``input``."""
-    return _ops.masked_linear_backward_input.default(grad_output, weight, active)
+def masked_linear_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    active: Tensor,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+    live_count: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``masked_linear`` for ``grad_output``: ``(grad_input, grad_weight, grad_bias)``.
+
+    ``grad_weight`` is ``(capacity, in_features)`` and ``grad_bias`` ``(capacity,)``, both zero
+    off the live rows. An output that ``output_mask`` does not ask for is an empty tensor.
+    """
+    return _ops.masked_linear_backward.default(
+        grad_output, input, weight, active, list(output_mask), _strategy, live_count
+    )
 
 
-def masked_linear_backward_weight(grad_output: Tensor, input: Tensor, active: Tensor) -> Tensor:
-    """Gradient with respect to ``weight``: shape ``(capacity, in_features)``, zero off the live rows."""
-    return _ops.masked_linear_backward_weight.default(grad_output, input, active)
-
-
-def masked_linear_backward_bias(grad_output: Tensor, active: Tensor) -> Tensor:
-    """Gradient with respect to ``bias``: shape ``(capacity,)``, zero off the live rows."""
-    return _ops.masked_linear_backward_bias.default(grad_output, active)
+# ------------------------------------------------------------------------- fake kernels
 
 
 def _check_mask(weight: Tensor, active: Tensor) -> None:
@@ -61,14 +128,18 @@ def _check_mask(weight: Tensor, active: Tensor) -> None:
     )
 
 
-@torch.library.register_fake("growop::masked_linear")
-def _masked_linear_fake(input, weight, bias, active, width, mask_value):
-    _check_mask(weight, active)
+def _check_input(input: Tensor, weight: Tensor) -> None:
     torch._check(
         input.dim() >= 1 and input.shape[-1] == weight.shape[1],
         lambda: f"input {tuple(input.shape)} does not match weight {tuple(weight.shape)}",
     )
     torch._check(input.dtype == weight.dtype, lambda: "input and weight dtypes must match")
+
+
+@torch.library.register_fake("growop::masked_linear")
+def _masked_linear_fake(input, weight, bias, active, width, mask_value=None, strategy="auto", live_count=None):
+    _check_mask(weight, active)
+    _check_input(input, weight)
     torch._check(0 <= width, lambda: f"width {width} must be >= 0")
     torch._check(width <= weight.shape[0], lambda: f"width {width} exceeds the capacity")
     if bias is not None:
@@ -76,47 +147,74 @@ def _masked_linear_fake(input, weight, bias, active, width, mask_value):
     return input.new_empty((*input.shape[:-1], width))
 
 
-@torch.library.register_fake("growop::masked_linear_backward_input")
-def _backward_input_fake(grad_output, weight, active):
+@torch.library.register_fake("growop::masked_linear_backward")
+def _masked_linear_backward_fake(
+    grad_output, input, weight, active, output_mask, strategy="auto", live_count=None
+):
     _check_mask(weight, active)
-    return grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1]))
+    _check_input(input, weight)
+    torch._check(grad_output.shape[:-1] == input.shape[:-1], lambda: "grad_output does not match input")
+    capacity, in_features = weight.shape
+    return (
+        weight.new_empty(input.shape if output_mask[0] else (0,)),
+        weight.new_empty((capacity if output_mask[1] else 0, in_features)),
+        weight.new_empty((capacity if output_mask[2] else 0,)),
+    )
 
 
-@torch.library.register_fake("growop::masked_linear_backward_weight")
-def _backward_weight_fake(grad_output, input, active):
-    torch._check(active.dim() == 1, lambda: "active must be 1-D")
-    return input.new_empty((active.shape[0], input.shape[-1]))
+# ----------------------------------------------------------------------- batching rules
+#
+# Only the leading-batch cases map onto one call: the op takes any number of leading
+# dimensions of input (and grad_output), so a vmapped input is one more of them. Anything
+# else (a vmapped weight, bias or mask, or per-sample weight gradients) runs the op once
+# per slice. Either way torch.func's slow generic fallback, and its warning, never apply.
 
 
-@torch.library.register_fake("growop::masked_linear_backward_bias")
-def _backward_bias_fake(grad_output, active):
-    torch._check(active.dim() == 1, lambda: "active must be 1-D")
-    return grad_output.new_empty((active.shape[0],))
+def _batch_first(t: Tensor, dim: int | None, size: int) -> Tensor:
+    """`t` with its vmapped dimension first, or expanded to `size` there if it has none."""
+    return t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
 
 
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, active, _width, _mask_value = inputs
-    # Saving active lets autograd's version check catch a mask changed
-    # between forward and backward instead of silently mixing two masks.
-    ctx.save_for_backward(input, weight, active)
-    ctx.has_bias = bias is not None
+def _vmapped(in_dims) -> list[bool]:
+    """Which arguments vmap batches. A non-tensor argument's in_dim is None or, for a list,
+    a list of Nones."""
+    return [isinstance(d, int) for d in in_dims]
 
 
-def _backward(ctx, grad_output):
-    input, weight, active = ctx.saved_tensors
-    grad_input = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_input = masked_linear_backward_input(grad_output, weight, active)
-    if ctx.needs_input_grad[1]:
-        grad_weight = masked_linear_backward_weight(grad_output, input, active)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = masked_linear_backward_bias(grad_output, active)
-    return grad_input, grad_weight, grad_bias, None, None, None
+def _per_slice(op, info, in_dims, args):
+    """The op on each slice of the vmapped dimension, results stacked along dim 0."""
+    results = [
+        op(*(a.select(d, b) if isinstance(d, int) else a for a, d in zip(args, in_dims)))
+        for b in range(info.batch_size)
+    ]
+    if isinstance(results[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*results))
+    return torch.stack(results)
 
 
-torch.library.register_autograd(
-    "growop::masked_linear", _backward, setup_context=_setup_context
-)
+@torch.library.register_vmap("growop::masked_linear")
+def _masked_linear_vmap(info, in_dims, input, weight, bias, active, width, mask_value=None,
+                        strategy="auto", live_count=None):
+    args = (input, weight, bias, active, width, mask_value, strategy, live_count)
+    op = _ops.masked_linear.default
+    if not any(_vmapped(in_dims)[1:]):
+        return op(input.movedim(in_dims[0], 0), *args[1:]), 0
+    return _per_slice(op, info, in_dims, args), 0
+
+
+@torch.library.register_vmap("growop::masked_linear_backward")
+def _masked_linear_backward_vmap(info, in_dims, grad_output, input, weight, active, output_mask,
+                                 strategy="auto", live_count=None):
+    args = (grad_output, input, weight, active, output_mask, strategy, live_count)
+    op = _ops.masked_linear_backward.default
+    input_only = output_mask[0] and not output_mask[1] and not output_mask[2]
+    if input_only and not any(_vmapped(in_dims)[2:]):
+        grad_output, input = (
+            _batch_first(t, d, info.batch_size) for t, d in zip((grad_output, input), in_dims[:2])
+        )
+        grads = op(grad_output, input, *args[2:])
+        return grads, (0, None, None)
+    return _per_slice(op, info, in_dims, args), (0, 0, 0)
 
 
 # ----------------------------------------------------------------------------- autocast
@@ -140,14 +238,17 @@ def _autocast_cast(value, device_type: str, dtype: torch.dtype):
 
 
 def _autocast_kernel(device_type: str):
-    def masked_linear_autocast(input, weight, bias, active, width, mask_value):
+    def masked_linear_autocast(input, weight, bias, active, width, mask_value=None,
+                               strategy="auto", live_count=None):
         # torch.library.register_autocast fixes one dtype per device at registration, but
         # the context chooses it at run time (bfloat16 or float16 on either device), so the
         # kernel reads it from the context, as autocast's own kernels do.
         dtype = torch.get_autocast_dtype(device_type)
         input, weight, bias = (_autocast_cast(t, device_type, dtype) for t in (input, weight, bias))
         with torch.autocast(device_type, enabled=False):
-            return _ops.masked_linear.default(input, weight, bias, active, width, mask_value)
+            return _ops.masked_linear.default(
+                input, weight, bias, active, width, mask_value, strategy, live_count
+            )
 
     return masked_linear_autocast
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import growop
 from growop import GrowLinear
 
 IN, HIDDEN, OUT, CAPACITY, BATCH = 6, 10, 3, 9, 7
@@ -49,7 +50,7 @@ def assert_same_as_eager(compiled, model, x, what: str) -> None:
     torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"{what}: {m}")
 
 
-def test_static_shape_grow_deactivate_reactivate_never_recompile():
+def test_static_shape_grow_deactivate_reactivate_never_recompile(strategy):
     model = make_model(static_shape=True)
     layer = model[2]
     counter = CompileCounterWithBackend("eager")
@@ -102,7 +103,7 @@ def test_static_shape_training_through_compiled_model_after_grow():
     not hasattr(torch._dynamo, "patch_dynamo_config"),
     reason="this torch cannot trace out_features as a dynamic int: each grow recompiles",
 )
-def test_default_mode_recompiles_once_then_width_is_dynamic():
+def test_default_mode_recompiles_once_then_width_is_dynamic(strategy):
     """Measured with this torch: one compile, one recompile at the first grow (with a
     symbolic width), then none, however many grows follow; training keeps working."""
     model = make_model(static_shape=False)
@@ -125,7 +126,7 @@ def test_default_mode_recompiles_once_then_width_is_dynamic():
     assert frames == [1] + [2] * (len(frames) - 1), frames
 
 
-def test_default_mode_deactivate_and_reactivate_do_not_recompile():
+def test_default_mode_deactivate_and_reactivate_do_not_recompile(strategy):
     model = make_model(static_shape=False)
     counter = CompileCounterWithBackend("eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
@@ -160,3 +161,19 @@ def test_inductor_forward_and_backward_match_eager_across_a_grow():
         for model in (eager_model, compiled_model):
             model[2].grow(2)
     assert counter.frame_count == 1
+
+
+def test_a_strategy_change_recompiles_once_and_takes_effect():
+    """The strategy is a constant of the graph, guarded: changing it compiles a second graph,
+    and changing it back reuses the first."""
+    model = make_model(static_shape=True)
+    layer = model[2]
+    layer.grow(2)
+    layer.deactivate([1])
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = inputs()
+    for name, expected_count in (("dense", 1), ("gather", 2), ("dense", 2), ("auto", 3)):
+        with growop.strategy(name):
+            assert_same_as_eager(compiled, model, x, f"under {name}")
+        assert counter.frame_count == expected_count, (name, counter.frame_count)

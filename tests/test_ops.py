@@ -1,112 +1,306 @@
-"""The masked-linear operators against the pure-PyTorch reference."""
+"""The masked-linear operators on every device and under every strategy, against the float64
+reference.
+
+The ``device`` fixture runs a test on the CPU and on CUDA; the CUDA half is skipped where
+``torch.cuda.is_available()`` is false, so the test logic still runs (on the CPU kernels) and
+cannot rot unseen. The ``strategy`` fixture runs a test under ``auto``, ``dense`` and
+``gather``; CI also runs the whole file with ``GROWOP_STRATEGY`` set to each.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CAPACITY, DTYPES, NEEDS_CUDA, assert_close, capture_cuda_graph, make_mask
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
 
 import growop
 from growop import ops, reference
 
-DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16, "f16": torch.float16}
-# (atol, rtol) for a result computed in the dtype against the float64 reference.
-TOLERANCES = {
-    torch.float64: (1e-12, 1e-12),
-    torch.float32: (1e-4, 1e-4),
-    torch.bfloat16: (6e-2, 2e-2),
-    torch.float16: (1e-2, 1e-2),
-}
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """float32 matmuls (cuBLAS's and growop's CUDA kernels) in TF32 or not."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def make_mask(kind: str, capacity: int, generator: torch.Generator) -> torch.Tensor:
-    """Masks that exercise each way the kernels cover live rows."""
-    active = torch.zeros(capacity, dtype=torch.bool)
-    if kind == "all":
-        active[:] = True
-    elif kind == "prefix":
-        active[: capacity * 2 // 3] = True
-    elif kind == "random":  # short runs only: every live row is gathered
-        active = torch.rand(capacity, generator=generator) < 0.5
-    elif kind == "dense":  # short runs, dense enough for whole-span weight gradients
-        active = torch.rand(capacity, generator=generator) < 0.9
-    elif kind == "mixed":  # long runs used in place plus fragments, several gather chunks
-        active[:100] = True
-        active[150:650] = torch.rand(500, generator=generator) < 0.6
-        active[700:] = True
-    elif kind == "single":
-        active[capacity // 2] = True
-    elif kind != "none":
-        raise ValueError(kind)
-    return active
+def poison_allocator(device: str) -> None:
+    """Leaves NaN in the blocks the caching allocator hands out next, so an output element a
+    kernel forgets to write shows up as NaN instead of a plausible stale value."""
+    if device != "cuda":
+        return
+    blocks = [torch.full((n,), float("nan"), device=device) for n in (64, 1 << 10, 1 << 14) for _ in range(64)]
+    blocks += [torch.full((n,), float("nan"), device=device) for n in (1 << 18, 1 << 20, 1 << 22)]
+    del blocks
 
 
-CAPACITY = {"all": 90, "prefix": 90, "random": 300, "dense": 300, "mixed": 900, "single": 90, "none": 90}
+def to(device: str, *tensors, requires_grad: bool = False):
+    """Copies (or, on the CPU, fresh views) of the tensors on `device`, strides kept."""
+    moved = [t.detach().to(device) if t is not None else None for t in tensors]
+    if requires_grad:
+        moved = [t.requires_grad_() if t is not None else None for t in moved]
+    return moved
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
-    atol, rtol = TOLERANCES[dtype]
-    actual, expected = actual.double(), expected.double()
-    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol)
-    if bad.any():
-        where = bad.nonzero()[:5].tolist()
-        pytest.fail(
-            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at {where}: "
-            f"got {actual[bad][:5].tolist()}, expected {expected[bad][:5].tolist()}"
-        )
-
-
-def run_both(x, weight, bias, active, width, mask_value=None):
-    """Output and gradients of the op and of the float64 reference on the same inputs."""
+def forward_and_grads(x, weight, bias, active, width, grad_out, mask_value=None):
+    """The op's output and gradients."""
     leaves = [t for t in (x, weight, bias) if t is not None]
+    poison_allocator(x.device.type)
     out = ops.masked_linear(x, weight, bias, active, width, mask_value)
-    grad_out = torch.randn(out.shape, dtype=torch.float64).to(out.dtype)
-    grads = torch.autograd.grad(out, leaves, grad_out) if out.numel() else None
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out.detach(), grads
 
-    as64 = [t.detach().double().requires_grad_() for t in leaves]
-    x64, w64 = as64[0], as64[1]
-    b64 = as64[2] if bias is not None else None
-    ref_mask = mask_value if mask_value is not None else torch.finfo(x.dtype).min
-    ref = reference.masked_linear(x64, w64, b64, active, width, ref_mask)
-    ref_grads = torch.autograd.grad(ref, as64, grad_out.double()) if out.numel() else None
-    return out, grads, ref, ref_grads
+
+def reference_and_grads(x, weight, bias, active, width, grad_out, mask_value=None):
+    """The float64 reference on the CPU, on the same values."""
+    as64 = [t.detach().cpu().double().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    leaves = [t for t in as64 if t is not None]
+    mask = mask_value if mask_value is not None else torch.finfo(x.dtype).min
+    ref = reference.masked_linear(*as64, active.cpu(), width, mask)
+    grads = torch.autograd.grad(ref, leaves, grad_out.cpu().double(), allow_unused=True)
+    grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)]
+    return ref.detach(), grads
+
+
+def check_against_reference(device, dtype, x, weight, bias, active, width, mask_value=None, what=""):
+    """Output and gradients on `device` against the reference; dead rows exactly zero."""
+    gen = torch.Generator().manual_seed(11)
+    grad_out = torch.randn(*x.shape[:-1], width, generator=gen).to(dtype)
+    xd, wd, bd = to(device, x, weight, bias, requires_grad=True)
+    ad, gd = to(device, active, grad_out)
+    out, grads = forward_and_grads(xd, wd, bd, ad, width, gd, mask_value)
+    ref, ref_grads = reference_and_grads(xd, wd, bd, ad, width, grad_out, mask_value)
+    assert out.dtype == dtype, what
+    assert_close(out, ref, dtype, f"{what} output on {device}")
+    for name, got, expected in zip(("input", "weight", "bias"), grads, ref_grads):
+        assert got.dtype == dtype, what
+        assert_close(got, expected, dtype, f"{what} grad {name} on {device}")
+    dead = ~active.cpu()
+    assert torch.all(grads[1].cpu()[dead] == 0), f"{what}: rows that are not live must get exactly zero gradient"
+    if bias is not None:
+        assert torch.all(grads[2].cpu()[dead] == 0), what
+    fill = mask_value if mask_value is not None else torch.finfo(dtype).min
+    assert torch.all(out.cpu()[..., dead[:width]] == fill), what
+    return out
+
+
+# ------------------------------------------------------------------------------- values
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("kind", ["all", "prefix", "random", "dense", "mixed", "single", "none"])
+@pytest.mark.parametrize("kind", ["all", "prefix", "random", "dense", "mixed", "sparse", "single", "none"])
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
-def test_values_and_grads_match_reference(dtype, kind, has_bias):
+def test_values_and_grads_match_reference(device, strategy, dtype, kind, has_bias):
     gen = torch.Generator().manual_seed(0)
     capacity, in_features = CAPACITY[kind], 37
     active = make_mask(kind, capacity, gen)
     width = capacity - 5 if kind != "mixed" else capacity
-    x = torch.randn(2, 5, in_features, generator=gen).to(dtype).requires_grad_()
-    weight = (torch.randn(capacity, in_features, generator=gen) / 6).to(dtype).requires_grad_()
-    bias = torch.randn(capacity, generator=gen).to(dtype).requires_grad_() if has_bias else None
+    x = torch.randn(2, 5, in_features, generator=gen).to(dtype)
+    weight = (torch.randn(capacity, in_features, generator=gen) / 6).to(dtype)
+    bias = torch.randn(capacity, generator=gen).to(dtype) if has_bias else None
+    out = check_against_reference(device, dtype, x, weight, bias, active, width, what=kind)
+    assert out.shape == (2, 5, width)
 
-    out, grads, ref, ref_grads = run_both(x, weight, bias, active, width)
-    assert out.shape == (2, 5, width) and out.dtype == dtype
-    assert_close(out, ref, dtype, "output")
-    for name, got, expected in zip(("input", "weight", "bias"), grads, ref_grads):
-        assert got.shape == expected.shape
-        assert_close(got, expected, dtype, f"grad {name}")
-    dead = ~active
-    assert torch.all(grads[1][dead] == 0), "rows that are not live must get exactly zero gradient"
-    if has_bias:
-        assert torch.all(grads[2][dead] == 0)
-    masked_columns = out[..., dead[:width]]
-    assert torch.all(masked_columns == torch.finfo(dtype).min)
+
+def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((got.double().cpu() - exact).norm() / exact.norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize(
+    "dtype,allow_tf32",
+    [(torch.bfloat16, False), (torch.float16, False), (torch.float32, False), (torch.float32, True),
+     (torch.float64, False)],
+    ids=["bf16", "f16", "f32", "f32-tf32", "f64"],
+)
+def test_error_is_at_most_twice_torch_on_the_same_inputs(device, strategy, dtype, allow_tf32):
+    """Output and both weight-side gradients: the error against float64 is at most twice that
+    of PyTorch's own F.linear / matmul in the same dtype, device and TF32 mode.
+
+    Several tiles in every dimension, a fragmented mask, in_features not a multiple of any
+    tile."""
+    gen = torch.Generator().manual_seed(1)
+    batch, in_features, capacity = 300, 200, 700
+    active = make_mask("random", capacity, gen)
+    live = active.nonzero().squeeze(1)
+    x = torch.randn(batch, in_features, generator=gen)
+    weight = torch.randn(capacity, in_features, generator=gen) / 16
+    bias = torch.randn(capacity, generator=gen)
+    g = torch.randn(batch, capacity, generator=gen)
+    exact = F.linear(x.double(), weight[live].double(), bias[live].double())
+    exact_grad_input = g[:, live].double() @ weight[live].double()
+    exact_grad_weight = g[:, live].double().t() @ x.double()
+
+    xd, wd, bd, gd = (t.to(device=device, dtype=dtype) for t in (x, weight, bias, g))
+    ad, live_d = active.to(device), live.to(device)
+    with tf32(allow_tf32):
+        ours = ops.masked_linear(xd, wd, bd, ad, capacity)[:, live_d]
+        ours_gi, ours_gw, _ = ops.masked_linear_backward(gd, xd, wd, ad, (True, True, False))
+        ours_gw = ours_gw[live_d]
+        torch_out = F.linear(xd, wd[live_d], bd[live_d])
+        torch_gi = gd[:, live_d] @ wd[live_d]
+        torch_gw = gd[:, live_d].t() @ xd
+    floor = 1e-15 if dtype == torch.float64 else 0.0
+    for what, got, theirs, want in (
+        ("output", ours, torch_out, exact),
+        ("grad input", ours_gi, torch_gi, exact_grad_input),
+        ("grad weight", ours_gw, torch_gw, exact_grad_weight),
+    ):
+        our_error, torch_error = relative_error(got, want), relative_error(theirs, want)
+        assert our_error <= 2 * torch_error + floor, (what, our_error, torch_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_fragmented_and_empty_masks(device, strategy, dtype):
+    gen = torch.Generator().manual_seed(5)
+    # Live rows at the edges of the kernels' tiles (64, 128) and of the compaction's chunks
+    # (4096 rows), alone and in short runs, most rows dead.
+    capacity, in_features = 9000, 24
+    active = torch.zeros(capacity, dtype=torch.bool)
+    for row in (0, 63, 64, 127, 128, 129, 255, 256, 4095, 4096, 4097, 8191, 8192, 8999):
+        active[row] = True
+    active[300:310] = True
+    active[5000:5600:3] = True
+    x = torch.randn(33, in_features, generator=gen).to(dtype)
+    weight = (torch.randn(capacity, in_features, generator=gen) / 4).to(dtype)
+    bias = torch.randn(capacity, generator=gen).to(dtype)
+    for width in (capacity, 4097, 129):
+        check_against_reference(device, dtype, x, weight, bias, active, width, what=f"width {width}")
+
+    # Nothing live: every column masked, every gradient zero.
+    none = torch.zeros(capacity, dtype=torch.bool)
+    out = check_against_reference(device, dtype, x, weight, bias, none, 500, what="no live rows")
+    assert torch.all(out == torch.finfo(dtype).min)
+    # Zero width and an empty batch.
+    check_against_reference(device, dtype, x, weight, bias, active, 0, what="zero width")
+    check_against_reference(device, dtype, x[:0], weight, bias, active, 300, what="empty batch")
+
+
+def test_odd_sizes_strides_and_shapes(device, strategy):
+    gen = torch.Generator().manual_seed(6)
+    for dtype in (torch.float64, torch.float16):
+        # 5 x 123 x 123: no size a multiple of a tile or of a 16-byte vector
+        active = make_mask("random", 123, gen)
+        x = torch.randn(5, 123, generator=gen).to(dtype)
+        weight = (torch.randn(123, 123, generator=gen) / 8).to(dtype)
+        check_against_reference(device, dtype, x, weight, None, active, 123, what="5x123x123")
+        # leading batch dimensions, batch 1, in_features 1
+        check_against_reference(device, dtype, x.view(5, 1, 123), weight, None, active, 120, what="3-D input")
+        check_against_reference(device, dtype, x[:1], weight, None, active, 123, what="batch 1")
+        check_against_reference(device, dtype, x[:, :1].contiguous(), weight[:, :1].contiguous(), None, active, 7,
+                                what="in_features 1")
+    # a non-contiguous input, a transposed weight, a 1-D input, strided rows
+    active = make_mask("random", 40, gen)
+    x = torch.randn(16, 7, generator=gen, dtype=torch.float64).t()
+    weight = torch.randn(16, 40, generator=gen, dtype=torch.float64).t()
+    bias = torch.randn(40, generator=gen, dtype=torch.float64)
+    assert not x.is_contiguous() and not weight.is_contiguous()
+    check_against_reference(device, torch.float64, x, weight, bias, active, 39, what="strided")
+    check_against_reference(device, torch.float64, x[0], weight, bias, active, 39, what="1-D input")
+    wide = torch.randn(3, 40, generator=gen, dtype=torch.float64)[:, ::2]
+    weight20 = torch.randn(40, 20, generator=gen, dtype=torch.float64)
+    check_against_reference(device, torch.float64, wide, weight20, bias, active, 40, what="strided rows")
+
+
+def test_in_features_zero(device, strategy):
+    """Nothing to multiply: the output is the bias on live columns, and no kernel touches the
+    (possibly null) data of an empty weight."""
+    active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=device)
+    weight = torch.randn(6, 0, device=device, requires_grad=True)
+    bias = torch.randn(6, device=device, requires_grad=True)
+    x = torch.randn(3, 0, device=device, requires_grad=True)
+    out = ops.masked_linear(x, weight, bias, active, 6)
+    expected = torch.where(active, bias.detach(), torch.finfo(torch.float32).min).expand(3, 6)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert x.grad.shape == (3, 0) and weight.grad.shape == (6, 0)
+    torch.testing.assert_close(bias.grad, torch.where(active, 3.0, 0.0))
+
+
+def test_empty_batch_and_zero_width(device, strategy):
+    weight = torch.randn(6, 4, device=device, requires_grad=True)
+    active = torch.tensor([1, 1, 0, 1, 0, 0], dtype=torch.bool, device=device)
+    x = torch.randn(0, 4, device=device, requires_grad=True)
+    out = ops.masked_linear(x, weight, None, active, 4)
+    assert out.shape == (0, 4)
+    out.sum().backward()
+    assert x.grad.shape == (0, 4)
+    assert weight.grad.shape == (6, 4) and torch.all(weight.grad == 0)
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    weight.grad = None
+    ops.masked_linear(x, weight, None, active, 0).sum().backward()
+    assert torch.all(x.grad == 0) and torch.all(weight.grad == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_mask_value_and_cross_entropy_stays_finite(device, strategy, dtype):
+    active = torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool, device=device)
+    x = torch.randn(4, 3).to(device=device, dtype=dtype)
+    weight = torch.randn(6, 3).to(device=device, dtype=dtype).requires_grad_()
+    default = ops.masked_linear(x, weight, None, active, 6)
+    assert torch.all(default[:, ~active] == torch.finfo(dtype).min)  # the lowest finite value
+    assert torch.isfinite(default[:, active]).all()
+    custom = ops.masked_linear(x, weight, None, active, 6, -7.5)
+    assert torch.all(custom[:, ~active] == -7.5)
+    loss = F.cross_entropy(default.float(), torch.tensor([0, 2, 0, 5], device=device))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(weight.grad).all()
+    assert torch.all(weight.grad[~active] == 0)
+    assert torch.softmax(default.float(), -1)[:, ~active].max() == 0
+
+
+def test_results_are_not_views_so_in_place_ops_may_follow(device, strategy):
+    weight = torch.randn(6, 4, device=device, requires_grad=True)
+    active = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool, device=device)
+    x = torch.randn(2, 3, 4, device=device, requires_grad=True)
+    out = ops.masked_linear(x, weight, None, active, 6)
+    assert out._base is None
+    torch.relu_(out).sum().backward()
+    grads = ops.masked_linear_backward(torch.randn(2, 3, 6, device=device), x.detach(), weight.detach(), active)
+    assert all(g._base is None for g in grads)
+    model = nn.Sequential(growop.GrowLinear(4, 5, device=device), nn.ReLU(inplace=True))
+    model(torch.randn(3, 4, device=device)).sum().backward()
+
+
+def test_backward_output_mask(device):
+    """Outputs the mask leaves out are empty; the others equal the full call's."""
+    gen = torch.Generator().manual_seed(9)
+    active = make_mask("random", 30, gen).to(device)
+    g, x, w = (torch.randn(*s, generator=gen).to(device) for s in ((4, 28), (4, 6), (30, 6)))
+    full = ops.masked_linear_backward(g, x, w, active)
+    assert [t.shape for t in full] == [(4, 6), (30, 6), (30,)]
+    for mask in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
+        part = ops.masked_linear_backward(g, x, w, active, mask)
+        for asked, got, want in zip(mask, part, full):
+            if asked:
+                torch.testing.assert_close(got, want)
+            else:
+                assert got.numel() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("kind", ["prefix", "dense", "mixed"])
+@growop.strategy("gather")
 def test_large_weight_gradient(dtype, kind):
-    """Gradients of 32 MiB and more come from fresh zero pages; dead rows must read zero."""
+    """The CPU gather kernels take weight gradients of 32 MiB and more from fresh zero pages;
+    dead rows must read zero, and the storage must be ordinary writable memory."""
     gen = torch.Generator().manual_seed(6)
     in_features = 1024
     capacity = (32 << 20) // (in_features * dtype.itemsize) + 8
     active = torch.zeros(capacity, dtype=torch.bool)
-    active[: 900] = make_mask(kind, 900, gen)
+    active[:900] = make_mask(kind, 900, gen)
     x = torch.randn(3, in_features, generator=gen).to(dtype)
     weight = torch.randn(capacity, in_features, generator=gen).to(dtype).requires_grad_()
     grad_out = torch.randn(3, 1000, generator=gen).to(dtype)
@@ -115,120 +309,237 @@ def test_large_weight_gradient(dtype, kind):
     reference.masked_linear(x.double(), expected_weight, None, active, 1000).backward(grad_out.double())
     assert_close(weight.grad, expected_weight.grad, dtype, "grad weight")
     assert torch.all(weight.grad[~active] == 0)
-    weight.grad.mul_(2).add_(1)  # the storage is ordinary, writable memory
+    weight.grad.mul_(2).add_(1)
     assert torch.all(weight.grad[~active] == 1)
 
 
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_low_precision_error_is_like_pytorch_linear(dtype):
-    """The kernel's error is at most a small multiple of F.linear's own on the same inputs."""
-    gen = torch.Generator().manual_seed(1)
-    capacity, in_features = 900, 256
-    active = make_mask("mixed", capacity, gen)
-    x = torch.randn(64, in_features, generator=gen)
-    weight = torch.randn(capacity, in_features, generator=gen) / 16
-    bias = torch.randn(capacity, generator=gen)
-    live = active.nonzero().squeeze(1)
-    exact = F.linear(x.double(), weight[live].double(), bias[live].double())
-    ours = ops.masked_linear(x.to(dtype), weight.to(dtype), bias.to(dtype), active, capacity)
-    torch_linear = F.linear(x.to(dtype), weight[live].to(dtype), bias[live].to(dtype))
-    our_error = (ours[:, live].double() - exact).abs().max().item()
-    torch_error = (torch_linear.double() - exact).abs().max().item()
-    assert our_error <= 2 * torch_error + 1e-12, (our_error, torch_error)
+# -------------------------------------------------------------------- the strategy rule
 
 
-def test_odd_shapes_noncontiguous_and_one_dimensional_input():
-    gen = torch.Generator().manual_seed(2)
-    capacity, in_features = 13, 3
-    active = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0], dtype=torch.bool)
-    weight = torch.randn(capacity, in_features, generator=gen, dtype=torch.float64)
-    bias = torch.randn(capacity, generator=gen, dtype=torch.float64)
-    x = torch.randn(in_features, 7, generator=gen, dtype=torch.float64).t()  # not contiguous
-    assert not x.is_contiguous()
-    expected = reference.masked_linear(x, weight, bias, active, 11)
-    torch.testing.assert_close(ops.masked_linear(x, weight, bias, active, 11), expected)
-    vector = torch.randn(1, generator=gen, dtype=torch.float64)  # 1-D input, in_features 1
-    column = weight[:, :1].contiguous()
-    out = ops.masked_linear(vector, column, bias, active, 11)
-    assert out.shape == (11,)
-    torch.testing.assert_close(out, reference.masked_linear(vector, column, bias, active, 11))
-    wide = torch.randn(3, 40, generator=gen, dtype=torch.float64)[:, ::2]  # strided rows
-    weight20 = torch.randn(5, 20, generator=gen, dtype=torch.float64)
-    mask5 = torch.tensor([1, 1, 0, 1, 0], dtype=torch.bool)
-    torch.testing.assert_close(
-        ops.masked_linear(wide, weight20, None, mask5, 5),
-        reference.masked_linear(wide, weight20, None, mask5, 5),
-    )
+def test_strategy_context_manager_restores_and_checks_names():
+    before = growop.get_strategy()
+    with growop.strategy("gather"):
+        assert growop.get_strategy() == "gather"
+        with growop.strategy("dense"):
+            assert growop.get_strategy() == "dense"
+        assert growop.get_strategy() == "gather"
+    assert growop.get_strategy() == before
+    with pytest.raises(ValueError, match="growop.strategy must be one of auto, dense, gather; got 'fast'"):
+        with growop.strategy("fast"):
+            pass
+    assert growop.get_strategy() == before
+    with pytest.raises(RuntimeError, match="strategy must be 'auto', 'dense' or 'gather', got 'fast'"):
+        torch.ops.growop.masked_linear(torch.ones(2, 3), torch.ones(4, 3), None,
+                                       torch.ones(4, dtype=torch.bool), 4, None, "fast")
 
 
-def test_empty_batch_and_zero_width():
-    weight = torch.randn(6, 4, requires_grad=True)
-    active = torch.tensor([1, 1, 0, 1, 0, 0], dtype=torch.bool)
-    x = torch.randn(0, 4, requires_grad=True)
-    out = ops.masked_linear(x, weight, None, active, 4)
-    assert out.shape == (0, 4)
-    out.sum().backward()
-    assert x.grad.shape == (0, 4)
-    assert weight.grad.shape == (6, 4) and torch.all(weight.grad == 0)
-    assert ops.masked_linear(torch.randn(3, 4), weight, None, active, 0).shape == (3, 0)
+def test_environment_variable_sets_the_strategy_at_import():
+    code = "import growop; print(growop.get_strategy())"
+    env = dict(os.environ, GROWOP_STRATEGY="gather")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "gather"
+    env["GROWOP_STRATEGY"] = "fastest"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "GROWOP_STRATEGY must be one of auto, dense, gather; got 'fastest'" in bad.stderr
 
 
-def test_custom_mask_value_and_cross_entropy_stays_finite():
-    weight = torch.randn(5, 3, requires_grad=True)
-    active = torch.tensor([1, 0, 1, 0, 0], dtype=torch.bool)
-    x = torch.randn(4, 3)
-    out = ops.masked_linear(x, weight, None, active, 5, -7.5)
-    assert torch.all(out[:, ~active] == -7.5)
-    logits = ops.masked_linear(x, weight, None, active, 5)
-    loss = F.cross_entropy(logits, torch.tensor([0, 2, 0, 2]))
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(weight.grad).all()
-    assert torch.all(weight.grad[~active] == 0)
-    assert torch.softmax(logits, -1)[:, ~active].max() == 0
+def _grad_input_reads_dead_rows(device: str, live: int, live_count=None) -> bool:
+    """Whether a call multiplied rows that are not live, seen through a NaN in a dead row:
+    dense multiplies every row below width (the mask zeroes the gradient columns, and
+    0 * NaN is NaN), gather never reads a dead row."""
+    capacity, in_features, batch = 64, 512, 4  # enough work for gather to be worth it
+    active = torch.zeros(capacity, dtype=torch.bool, device=device)
+    active[torch.arange(live, device=device) * (capacity // live)] = True
+    weight = torch.randn(capacity, in_features, device=device)
+    weight[~active] = float("nan")
+    x = torch.randn(batch, in_features, device=device, requires_grad=True)
+    out = ops.masked_linear(x, weight, None, active, capacity, live_count=live_count)
+    assert torch.isfinite(out[:, active]).all() and torch.all(out[:, ~active] == torch.finfo(torch.float32).min)
+    (grad_input,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    return bool(grad_input.isnan().any())
 
 
-@pytest.mark.parametrize("kind", ["prefix", "random", "dense", "mixed"])
+def test_auto_takes_dense_where_most_rows_are_live_and_gather_where_few_are(device):
+    """The rule (csrc/strategy.h): dense below the crossover width / live, or where gather
+    would save too little work; gather beyond it. The CPU counts the mask itself; CUDA
+    decides from the caller's live_count and, without one, takes dense."""
+    reads_dead = lambda live, hint=None: _grad_input_reads_dead_rows(device, live, hint)  # noqa: E731
+    with growop.strategy("dense"):
+        assert reads_dead(2)
+    with growop.strategy("gather"):
+        assert not reads_dead(32)
+    with growop.strategy("auto"):
+        assert reads_dead(60, 60)  # width / live = 16/15: dense
+        assert not reads_dead(2, 2)  # width / live = 32: gather
+        assert reads_dead(2) == (device == "cuda")  # no hint: the CPU counts, CUDA takes dense
+        # A small call is dense whatever the ratio: gather's fixed cost would outweigh it.
+        active = torch.zeros(12, dtype=torch.bool, device=device)
+        active[:2] = True
+        weight = torch.randn(12, 64, device=device)
+        weight[2:] = float("nan")
+        x = torch.randn(8, 64, device=device, requires_grad=True)
+        out = ops.masked_linear(x, weight, None, active, 12, live_count=2)
+        (grad_input,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        assert grad_input.isnan().any(), "(12 - 2) x 8 x 64 multiply-adds saved: too few for gather"
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+@pytest.mark.parametrize("kind", ["prefix", "random", "mixed"])
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
-def test_gradcheck_float64(kind, has_bias):
+def test_gradcheck_and_gradgradcheck_float64(device, strategy, kind, has_bias):
     gen = torch.Generator().manual_seed(3)
-    capacity = {"prefix": 9, "random": 11, "dense": 40, "mixed": 900}[kind]
-    in_features, batch = (3, 2) if kind == "mixed" else (4, 3)
-    active = make_mask(kind, capacity, gen)
-    x = torch.randn(batch, in_features, dtype=torch.float64, generator=gen, requires_grad=True)
-    weight = torch.randn(capacity, in_features, dtype=torch.float64, generator=gen, requires_grad=True)
-    bias = torch.randn(capacity, dtype=torch.float64, generator=gen, requires_grad=True) if has_bias else None
+    capacity = {"prefix": 9, "random": 70, "mixed": 900}[kind]  # 70: over one 64-row tile
+    in_features, batch = (3, 2) if kind == "mixed" else (5, 3)
+    active = make_mask(kind, capacity, gen).to(device)
+    x = torch.randn(batch, in_features, dtype=torch.float64, generator=gen).to(device).requires_grad_()
+    weight = torch.randn(capacity, in_features, dtype=torch.float64, generator=gen).to(device).requires_grad_()
+    bias = torch.randn(capacity, dtype=torch.float64, generator=gen).to(device).requires_grad_() if has_bias else None
     width = capacity - 1
 
     def fn(x, weight, *bias_arg):
-        return ops.masked_linear(x, weight, bias_arg[0] if bias_arg else None, active, width, None)
+        return ops.masked_linear(x, weight, bias_arg[0] if bias_arg else None, active, width)
 
     inputs = (x, weight, bias) if has_bias else (x, weight)
-    assert torch.autograd.gradcheck(fn, inputs, fast_mode=kind == "mixed")
+    fast = kind != "prefix"
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=fast)
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=fast)
+
+
+def test_gradient_penalty_matches_nn_linear(device, strategy):
+    """A double backward as WGAN-GP and R1 take it: the gradient of the norm of the input
+    gradient, against nn.Linear on the live rows."""
+    gen = torch.Generator().manual_seed(12)
+    layer = growop.GrowLinear(5, 4, capacity=7, dtype=torch.float64, device=device)
+    layer.grow(2)
+    layer.deactivate([1])
+    live = layer.active[: layer.out_features].nonzero().squeeze(1)
+    linear = nn.Linear(5, len(live), dtype=torch.float64, device=device)
+    with torch.no_grad():
+        linear.weight.copy_(layer.weight[live])
+        linear.bias.copy_(layer.bias[live])
+    x = torch.randn(3, 5, dtype=torch.float64, generator=gen).to(device)
+
+    def penalty(model, out_of):
+        inp = x.clone().requires_grad_()
+        out = out_of(model(inp))
+        (g,) = torch.autograd.grad(torch.tanh(out).sum(), inp, create_graph=True)
+        return (g.norm(dim=1) - 1).pow(2).mean()
+
+    ours = penalty(layer, lambda out: out[:, live])
+    theirs = penalty(linear, lambda out: out)
+    torch.testing.assert_close(ours, theirs)
+    grads = torch.autograd.grad(ours, (layer.weight, layer.bias))
+    expected = torch.autograd.grad(theirs, (linear.weight, linear.bias))
+    torch.testing.assert_close(grads[0][live], expected[0])
+    torch.testing.assert_close(grads[1][live], expected[1])
+    dead = ~layer.active
+    assert torch.all(grads[0][dead] == 0) and torch.all(grads[1][dead] == 0)
+
+
+def test_mask_changed_between_forward_and_backward_is_an_error(device):
+    weight = torch.randn(6, 3, device=device, requires_grad=True)
+    active = torch.ones(6, dtype=torch.bool, device=device)
+    out = ops.masked_linear(torch.randn(2, 3, device=device), weight, None, active, 6)
+    active[2] = False
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+# -------------------------------------------------------------------------- torch.func
+
+
+def _grow_and_linear(device):
+    """A grown, partly deactivated layer and the nn.Linear on its live rows."""
+    torch.manual_seed(13)
+    layer = growop.GrowLinear(4, 3, capacity=8, dtype=torch.float64, device=device)
+    layer.grow(2)
+    layer.deactivate([0])
+    live = layer.active[: layer.out_features].nonzero().squeeze(1)
+    linear = nn.Linear(4, len(live), dtype=torch.float64, device=device)
+    with torch.no_grad():
+        linear.weight.copy_(layer.weight[live])
+        linear.bias.copy_(layer.bias[live])
+    return layer, linear, live
+
+
+def test_torch_func_grad_vmap_grad_and_jacrev_match_nn_linear(device, strategy):
+    layer, linear, live = _grow_and_linear(device)
+    x = torch.randn(6, 4, dtype=torch.float64, device=device)
+    target = torch.randint(len(live), (6,), device=device)
+    ours_params = {k: v.detach() for k, v in layer.named_parameters()}
+    theirs_params = {k: v.detach() for k, v in linear.named_parameters()}
+
+    def ours_loss(params, x, target):
+        return F.cross_entropy(functional_call(layer, params, (x,))[..., live], target)
+
+    def theirs_loss(params, x, target):
+        return F.cross_entropy(functional_call(linear, params, (x,)), target)
+
+    def check(ours, theirs):
+        torch.testing.assert_close(ours["weight"][..., live, :], theirs["weight"])
+        torch.testing.assert_close(ours["bias"][..., live], theirs["bias"])
+        dead = ~layer.active
+        assert torch.all(ours["weight"][..., dead, :] == 0) and torch.all(ours["bias"][..., dead] == 0)
+
+    check(grad(ours_loss)(ours_params, x, target), grad(theirs_loss)(theirs_params, x, target))
+    per_sample = vmap(grad(ours_loss), in_dims=(None, 0, 0))
+    expected = vmap(grad(theirs_loss), in_dims=(None, 0, 0))
+    check(per_sample(ours_params, x, target), expected(theirs_params, x, target))
+
+    ours_jac = jacrev(lambda p: functional_call(layer, p, (x,))[:, live])(ours_params)
+    theirs_jac = jacrev(lambda p: functional_call(linear, p, (x,)))(theirs_params)
+    torch.testing.assert_close(ours_jac["weight"][..., live, :], theirs_jac["weight"])
+    torch.testing.assert_close(ours_jac["bias"][..., live], theirs_jac["bias"])
+
+
+def test_vmap_has_batching_rules_and_no_slow_path_warning(device):
+    layer, linear, live = _grow_and_linear(device)
+    x = torch.randn(5, 2, 4, dtype=torch.float64, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = vmap(layer)(x)
+        # a vmapped weight takes the per-slice rule
+        weights = layer.weight.detach().expand(5, *layer.weight.shape)
+        per_weight = vmap(lambda w, x: ops.masked_linear(x, w, None, layer.active, layer.out_features))(weights, x)
+    torch.testing.assert_close(out[..., live], linear(x))
+    width = layer.out_features
+    live_bias = torch.where(layer.active[:width], layer.bias[:width], 0)
+    torch.testing.assert_close(per_weight, out - live_bias)
+
+
+# ---------------------------------------------------------------- opcheck, fake, compile
 
 
 def _opcheck_samples():
     gen = torch.Generator().manual_seed(4)
     samples = []
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for kind, capacity in (("prefix", 9), ("random", 301)):
             active = make_mask(kind, capacity, gen)
-            x = torch.randn(2, 3, 5, generator=gen).to(dtype).requires_grad_()
-            weight = torch.randn(capacity, 5, generator=gen).to(dtype).requires_grad_()
-            bias = torch.randn(capacity, generator=gen).to(dtype).requires_grad_()
-            samples.append((x, weight, bias, active, capacity - 2))
+            x = torch.randn(2, 3, 5, generator=gen).to(dtype)
+            weight = torch.randn(capacity, 5, generator=gen).to(dtype)
+            bias = torch.randn(capacity, generator=gen).to(dtype)
+            samples.append(pytest.param((x, weight, bias, active, capacity - 2), id=f"{dtype}-{kind}"))
     return samples
 
 
 @pytest.mark.parametrize("sample", _opcheck_samples())
-def test_opcheck(sample):
-    x, weight, bias, active, width = sample
-    torch.library.opcheck(torch.ops.growop.masked_linear.default, (x, weight, bias, active, width, None))
-    torch.library.opcheck(torch.ops.growop.masked_linear.default, (x, weight, None, active, width, -1.0))
-    grad = torch.randn(*x.shape[:-1], width, dtype=x.dtype)
-    plain = [t.detach() for t in (x, weight)]
-    torch.library.opcheck(torch.ops.growop.masked_linear_backward_input.default, (grad, plain[1], active))
-    torch.library.opcheck(torch.ops.growop.masked_linear_backward_weight.default, (grad, plain[0], active))
-    torch.library.opcheck(torch.ops.growop.masked_linear_backward_bias.default, (grad, active))
+def test_opcheck(device, sample):
+    x, weight, bias, active, width = to(device, *sample[:4]) + [sample[4]]
+    differentiable = x.dtype != torch.bfloat16
+    for t in (x, weight, bias):
+        t.requires_grad_(differentiable)
+    forward = torch.ops.growop.masked_linear.default
+    torch.library.opcheck(forward, (x, weight, bias, active, width, None, growop.get_strategy(), None))
+    torch.library.opcheck(forward, (x, weight, None, active, width, -1.0, "gather", int(active[:width].sum())))
+    torch.library.opcheck(forward, (x, weight, bias, active, width, None, "dense", None))
+    grad_out = torch.randn(*x.shape[:-1], width, dtype=x.dtype, device=device).requires_grad_(differentiable)
+    backward = torch.ops.growop.masked_linear_backward.default
+    for mask in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(backward, (grad_out, x, weight, active, mask, growop.get_strategy(), None))
 
 
 def test_fake_tensor_shapes_on_meta():
@@ -236,16 +547,18 @@ def test_fake_tensor_shapes_on_meta():
     weight = torch.empty(10, 3, device="meta")
     active = torch.empty(10, dtype=torch.bool, device="meta")
     assert ops.masked_linear(x, weight, None, active, 6).shape == (4, 7, 6)
+    grads = ops.masked_linear_backward(torch.empty(4, 7, 6, device="meta"), x, weight, active, (True, False, True))
+    assert [g.shape for g in grads] == [(4, 7, 3), (0, 3), (10,)]
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(5)
-    active = make_mask("random", 40, gen)
-    weight = torch.randn(40, 8, generator=gen, requires_grad=True)
-    bias = torch.randn(40, generator=gen, requires_grad=True)
-    x = torch.randn(6, 8, generator=gen)
+    active = make_mask("random", 40, gen).to(device)
+    weight = torch.randn(40, 8, generator=gen).to(device).requires_grad_()
+    bias = torch.randn(40, generator=gen).to(device).requires_grad_()
+    x = torch.randn(6, 8, generator=gen).to(device)
 
     def step(x, weight, bias):
         return growop.masked_linear(x, weight, bias, active=active, out_features=33).logsumexp(-1).sum()
@@ -260,6 +573,40 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(got, want)
 
 
+def test_eager_binding_matches_the_op_and_leaves_overrides_to_it():
+    """Eager calls with plain tensors take growop._C's direct binding; a tensor subclass with
+    __torch_function__ and a TorchFunctionMode still see the op, as torch.ops calls let them."""
+    from torch.overrides import TorchFunctionMode
+
+    gen = torch.Generator().manual_seed(14)
+    active = make_mask("random", 30, gen)
+    x, weight, bias = torch.randn(5, 6, generator=gen), torch.randn(30, 6, generator=gen), torch.randn(30)
+    op = torch.ops.growop.masked_linear.default
+    if ops.BUILD == "prebuilt":
+        direct = growop._C.masked_linear(x, weight, bias, active, 28, -2.0, "auto", None)
+        torch.testing.assert_close(direct, op(x, weight, bias, active, 28, -2.0, "auto", None))
+    seen = []
+
+    class Spy(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    class SpyMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    expected = ops.masked_linear(x, weight, bias, active, 28)
+    torch.testing.assert_close(ops.masked_linear(x.as_subclass(Spy), weight, bias, active, 28), expected)
+    assert op in seen
+    seen.clear()
+    with SpyMode():
+        torch.testing.assert_close(ops.masked_linear(x, weight, bias, active, 28), expected)
+    assert op in seen
+
+
 def test_functional_defaults_to_full_capacity():
     weight = torch.randn(6, 3)
     active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
@@ -268,97 +615,116 @@ def test_functional_defaults_to_full_capacity():
     torch.testing.assert_close(out, reference.masked_linear(x, weight, None, active, 6))
 
 
-def test_mask_changed_between_forward_and_backward_is_an_error():
-    weight = torch.randn(6, 3, requires_grad=True)
-    active = torch.ones(6, dtype=torch.bool)
-    out = ops.masked_linear(torch.randn(2, 3), weight, None, active, 6)
-    active[2] = False
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        out.sum().backward()
+# ------------------------------------------------------------------------------ errors
 
 
-class TestErrors:
-    def setup_method(self):
-        self.weight = torch.randn(6, 4)
-        self.bias = torch.randn(6)
-        self.active = torch.ones(6, dtype=torch.bool)
+def bad_calls(device: str):
+    """Calls that must fail, with the arguments on `device`."""
+    def t(*shape, dtype=torch.float32):
+        return torch.ones(*shape, dtype=dtype, device=device)
 
-    def call(self, x=None, weight=None, bias="same", active=None, width=6):
-        return ops.masked_linear(
-            torch.randn(2, 4) if x is None else x,
-            self.weight if weight is None else weight,
-            self.bias if bias == "same" else bias,
-            self.active if active is None else active,
-            width,
-        )
-
-    def test_wrong_in_features_names_shapes(self):
-        with pytest.raises(RuntimeError, match=r"input of shape \[2, 5\] does not match weight of shape \[6, 4\]"):
-            self.call(x=torch.randn(2, 5))
-
-    def test_integer_dtypes(self):
-        with pytest.raises(RuntimeError, match="weight must be float32, float64, bfloat16 or float16, got Long"):
-            self.call(x=torch.ones(2, 4, dtype=torch.long), weight=torch.ones(6, 4, dtype=torch.long), bias=None)
-
-    def test_mismatched_dtypes(self):
-        with pytest.raises(RuntimeError, match="input has dtype Double but weight has dtype Float"):
-            self.call(x=torch.randn(2, 4, dtype=torch.float64))
-        with pytest.raises(RuntimeError, match="bias has dtype Half"):
-            self.call(bias=self.bias.half())
-
-    def test_bad_mask(self):
-        with pytest.raises(RuntimeError, match="active must be a 1-D bool tensor, got Long"):
-            self.call(active=torch.ones(6, dtype=torch.long))
-        with pytest.raises(RuntimeError, match="active has 5 entries but weight has 6 rows"):
-            self.call(active=torch.ones(5, dtype=torch.bool))
-
-    def test_width_out_of_range(self):
-        with pytest.raises(RuntimeError, match=r"width 7 must be in \[0, capacity = 6\]"):
-            self.call(width=7)
-
-    def test_bias_shape(self):
-        with pytest.raises(RuntimeError, match=r"bias must have shape \(6,\)"):
-            self.call(bias=torch.randn(5))
-
-    def test_weight_not_matrix(self):
-        with pytest.raises(RuntimeError, match="weight must be 2-D"):
-            self.call(weight=torch.randn(6, 4, 1))
-
-    def test_backward_ops_check_shapes(self):
-        with pytest.raises(RuntimeError, match="grad_output has 7 columns but the layer has capacity 6"):
-            ops.masked_linear_backward_input(torch.randn(2, 7), self.weight, self.active)
-        with pytest.raises(RuntimeError, match="does not match input of shape"):
-            ops.masked_linear_backward_weight(torch.randn(3, 6), torch.randn(2, 4), self.active)
-        with pytest.raises(RuntimeError, match="more columns than the capacity"):
-            ops.masked_linear_backward_bias(torch.randn(2, 7), self.active)
+    mask = t(6, dtype=torch.bool)
+    w, b = t(6, 4), t(6)
+    return {
+        "in_features": lambda: ops.masked_linear(t(2, 5), w, b, mask, 6),
+        "integer dtype": lambda: ops.masked_linear(t(2, 4, dtype=torch.long), t(6, 4, dtype=torch.long), None, mask, 6),
+        "input dtype": lambda: ops.masked_linear(t(2, 4, dtype=torch.float64), w, b, mask, 6),
+        "bias dtype": lambda: ops.masked_linear(t(2, 4), w, t(6, dtype=torch.float16), mask, 6),
+        "mask dtype": lambda: ops.masked_linear(t(2, 4), w, b, t(6, dtype=torch.long), 6),
+        "mask length": lambda: ops.masked_linear(t(2, 4), w, b, t(5, dtype=torch.bool), 6),
+        "width": lambda: ops.masked_linear(t(2, 4), w, b, mask, 7),
+        "bias shape": lambda: ops.masked_linear(t(2, 4), w, t(5), mask, 6),
+        "weight dims": lambda: ops.masked_linear(t(2, 4), t(6, 4, 1), b, mask, 6),
+        "grad_output columns": lambda: ops.masked_linear_backward(t(2, 7), t(2, 4), w, mask),
+        "grad_output shape": lambda: ops.masked_linear_backward(t(3, 6), t(2, 4), w, mask),
+        "grad_output dtype": lambda: ops.masked_linear_backward(t(2, 6, dtype=torch.float64), t(2, 4), w, mask),
+        "backward input": lambda: ops.masked_linear_backward(t(2, 6), t(2, 5), w, mask),
+    }
 
 
-def test_results_are_not_views_so_in_place_ops_may_follow():
-    weight = torch.randn(6, 4, requires_grad=True)
-    active = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool)
-    x = torch.randn(2, 3, 4, requires_grad=True)
-    out = ops.masked_linear(x, weight, None, active, 6)
-    assert out._base is None
-    torch.relu_(out).sum().backward()
-    grads = (ops.masked_linear_backward_input(torch.randn(2, 3, 6), weight.detach(), active),
-             ops.masked_linear_backward_input(torch.randn(2, 6), weight.detach(), active[[0, 1, 2, 3, 5, 4]]))
-    assert all(g._base is None for g in grads)
-    model = torch.nn.Sequential(growop.GrowLinear(4, 5), torch.nn.ReLU(inplace=True))
-    model(torch.randn(3, 4)).sum().backward()
+EXPECTED_ERRORS = {
+    "in_features": r"growop.masked_linear: input of shape \[2, 5\] does not match weight of shape \[6, 4\]",
+    "integer dtype": "weight must be float32, float64, bfloat16 or float16, got Long",
+    "input dtype": "input has dtype Double but weight has dtype Float",
+    "bias dtype": "bias has dtype Half",
+    "mask dtype": "active must be a 1-D bool tensor, got Long",
+    "mask length": "active has 5 entries but weight has 6 rows",
+    "width": r"width 7 must be in \[0, capacity = 6\]",
+    "bias shape": r"bias must have shape \(6,\)",
+    "weight dims": "weight must be 2-D",
+    "grad_output columns": "growop.masked_linear_backward: grad_output has 7 columns but the layer has capacity 6",
+    "grad_output shape": r"grad_output of shape \[3, 6\] does not match input of shape \[2, 4\]",
+    "grad_output dtype": "grad_output has dtype Double but weight has dtype Float",
+    "backward input": r"growop.masked_linear_backward: input of shape \[2, 5\] does not match weight",
+}
 
 
-def test_zero_width_and_zero_in_features():
-    weight = torch.randn(6, 4, requires_grad=True)
-    active = torch.ones(6, dtype=torch.bool)
-    x = torch.randn(3, 4, requires_grad=True)
-    ops.masked_linear(x, weight, None, active, 0).sum().backward()
-    assert torch.all(x.grad == 0) and torch.all(weight.grad == 0)
-    assert ops.masked_linear_backward_input(torch.randn(2, 5, 0), weight, active).shape == (2, 5, 4)
-    assert ops.masked_linear_backward_weight(torch.randn(2, 0), torch.randn(2, 4), active).shape == (6, 4)
-    empty_weight = torch.randn(6, 0, requires_grad=True)
-    bias = torch.randn(6, requires_grad=True)
-    out = ops.masked_linear(torch.randn(3, 0), empty_weight, bias, active, 6)
-    torch.testing.assert_close(out, bias.detach().expand(3, 6))
-    out.sum().backward()
-    assert empty_weight.grad.shape == (6, 0)
-    torch.testing.assert_close(bias.grad, torch.full((6,), 3.0))
+@pytest.mark.parametrize("name", EXPECTED_ERRORS)
+def test_errors_name_shapes_and_values(device, strategy, name):
+    with pytest.raises(RuntimeError, match=EXPECTED_ERRORS[name]):
+        bad_calls(device)[name]()
+
+
+def error_message(call) -> str:
+    with pytest.raises(RuntimeError) as info:
+        call()
+    return str(info.value).split("\n")[0]
+
+
+@NEEDS_CUDA
+def test_cuda_errors_read_as_the_cpu_ones():
+    cpu, cuda = bad_calls("cpu"), bad_calls("cuda")
+    for name in cpu:
+        assert error_message(cuda[name]) == error_message(cpu[name]), name
+    weight = torch.ones(6, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="active is on cpu but weight is on cuda:0"):
+        ops.masked_linear(torch.ones(2, 4, device="cuda"), weight, None, torch.ones(6, dtype=torch.bool), 6)
+
+
+# -------------------------------------------------------------------------------- CUDA
+
+
+@NEEDS_CUDA
+def test_tf32_follows_torch_switch(strategy):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(256, 512, generator=gen).cuda()
+    weight = torch.randn(300, 512, generator=gen).cuda()
+    active = torch.ones(300, dtype=torch.bool, device="cuda")
+    exact = (x.double() @ weight.double().t()).cpu()
+    with tf32(False):
+        full = ops.masked_linear(x, weight, None, active, 300)
+    with tf32(True):
+        fast = ops.masked_linear(x, weight, None, active, 300)
+    assert relative_error(full, exact) < 1e-5
+    assert 1e-5 < relative_error(fast, exact) < 5e-3  # TF32: a 10-bit mantissa
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cuda_graph_replays_follow_the_mask_without_host_syncs(strategy, dtype):
+    """Neither strategy reads the mask on the host: forward and backward raise no
+    synchronisation under sync-debug mode, capture in a CUDA graph, and replays follow the
+    mask changed in place."""
+    gen = torch.Generator().manual_seed(8)
+    capacity, in_features = 1000, 64
+    weight = (torch.randn(capacity, in_features, generator=gen) / 8).to(dtype).cuda().requires_grad_()
+    bias = torch.randn(capacity, generator=gen).to(dtype).cuda().requires_grad_()
+    x = torch.randn(32, in_features, generator=gen).to(dtype).cuda().requires_grad_()
+    grad_out = torch.randn(32, capacity, generator=gen).to(dtype).cuda()
+    active = make_mask("random", capacity, gen).cuda()
+    live_count = int(active.sum())
+
+    def step():
+        out = ops.masked_linear(x, weight, bias, active, capacity, live_count=live_count)
+        grads = torch.autograd.grad(out, (x, weight, bias), grad_out)
+        return out, *grads
+
+    graph, static = capture_cuda_graph(step)
+    for kind in ("mixed", "prefix", "none", "all"):
+        active.copy_(make_mask(kind, capacity, gen).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, ref_grads = reference_and_grads(x, weight, bias, active, capacity, grad_out)
+        assert_close(static[0], ref, dtype, f"replayed output ({kind})")
+        for name, got, want in zip(("input", "weight", "bias"), static[1:], ref_grads):
+            assert_close(got, want, dtype, f"replayed grad {name} ({kind})")

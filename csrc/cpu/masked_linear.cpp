@@ -1,7 +1,11 @@
 // CPU kernels of the growop::masked_linear ops.
 //
-// The live rows of a layer are covered in two ways, decided per call from the
-// mask (see LivePlan): long runs of consecutive live rows are multiplied in
+// Each call counts the live rows in the mask (host memory: no sync to avoid)
+// and takes the dense strategy (../dense.h) or the gather kernels below by the
+// rule of ../strategy.h.
+//
+// The gather kernels cover the live rows in two ways, decided per call from
+// the mask (see LivePlan): long runs of consecutive live rows are multiplied in
 // place (a strided view of the weight and of the output, no copy), and rows in
 // short runs are gathered, a chunk at a time, into a small buffer that stays in
 // cache and multiplied from there. Either way every GEMM is ATen's, so work
@@ -12,11 +16,16 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../dense.h"
+#include "../strategy.h"
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string_view>
+#include <tuple>
+#include <array>
 #include <utility>
 #include <vector>
 
@@ -125,10 +134,14 @@ std::pair<at::Tensor, bool> gradient_buffer(
   return {at::empty({rows, row_size}, options), false};
 }
 
-// (*, n) as a contiguous (rows, n) matrix; unlike reshape(-1, n) also for n == 0.
+// (*, n) as a (rows, n) matrix, a view where it can be; unlike reshape(-1, n)
+// also for n == 0. A 2-D tensor is returned as it is.
 at::Tensor as_matrix(const at::Tensor& t) {
+  if (t.dim() == 2) {
+    return t;
+  }
   const int64_t rows = c10::multiply_integers(t.sizes().slice(0, t.dim() - 1));
-  return t.reshape({rows, t.size(-1)}).contiguous();
+  return t.reshape({rows, t.size(-1)});
 }
 
 // dst[i, :] = src[rows[i], :] for i < n (row-major, row length k), the rows
@@ -140,6 +153,9 @@ void gather_rows(
     int64_t n,
     int64_t k,
     dst_t* dst) {
+  if (k == 0) {  // no bytes to copy, and the pointers may be null
+    return;
+  }
   at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const src_t* s = src + rows[i] * k;
@@ -174,31 +190,24 @@ void gather_columns(
   });
 }
 
-at::Tensor masked_linear_cpu(
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias_opt,
-    const at::Tensor& active,
-    int64_t width,
-    std::optional<double> mask_value) {
-  constexpr const char* op = "growop.masked_linear";
-  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
-  checks::check_forward(
-      op, input, weight, has_bias ? &*bias_opt : nullptr, active, width);
-  const int64_t in_features = weight.size(1);
-  const at::Tensor bias = has_bias ? bias_opt->contiguous() : at::Tensor();
+// The number of live rows among the first `width`.
+int64_t count_live(const at::Tensor& live_mask, int64_t width) {
+  const bool* live = live_mask.const_data_ptr<bool>();
+  return std::count(live, live + width, true);
+}
 
-  const at::Tensor x = as_matrix(input);
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor live_mask = active.contiguous();
+// out (batch, width) from the runs and gathered chunks of `plan`.
+void gather_forward(
+    const at::Tensor& x,
+    const at::Tensor& w,
+    const at::Tensor& bias,
+    const at::Tensor& live_mask,
+    double fill_value,
+    at::Tensor& out) {
   const int64_t batch = x.size(0);
-  // The result is allocated in its final shape and written through a 2-D view:
-  // an operator must not return a view of a tensor it made.
-  at::Tensor result = at::empty(with_last_dim(input.sizes(), width), x.options());
-  at::Tensor out = result.view({batch, width});
-  if (batch == 0 || width == 0) {
-    return result;
-  }
+  const int64_t width = out.size(1);
+  const int64_t in_features = w.size(1);
+  const bool has_bias = bias.defined();
   const LivePlan plan = plan_live_rows(
       live_mask, width, gather_chunk_rows(in_features, w.element_size()));
   const float beta = has_bias ? 1.0f : 0.0f;
@@ -206,12 +215,10 @@ at::Tensor masked_linear_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, w.scalar_type(), "masked_linear_cpu", [&] {
         // Every row of out starts as: bias (or 0) on live columns, which the
-        // GEMMs below accumulate onto, and mask_value on the rest.
-        const scalar_t fill = mask_value.has_value()
-            ? static_cast<scalar_t>(*mask_value)
-            : std::numeric_limits<scalar_t>::lowest();
-        const bool* live = live_mask.data_ptr<bool>();
-        const scalar_t* b = has_bias ? bias.data_ptr<scalar_t>() : nullptr;
+        // GEMMs below accumulate onto, and the fill value on the rest.
+        const auto fill = static_cast<scalar_t>(fill_value);
+        const bool* live = live_mask.const_data_ptr<bool>();
+        const scalar_t* b = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
         scalar_t* o = out.data_ptr<scalar_t>();
         for (int64_t j = 0; j < width; ++j) {
           o[j] = live[j] ? (b ? b[j] : scalar_t(0)) : fill;
@@ -221,6 +228,9 @@ at::Tensor masked_linear_cpu(
             std::memcpy(o + r * width, o, width * sizeof(scalar_t));
           }
         });
+        if (in_features == 0) {  // nothing to multiply: the bias is the result
+          return;
+        }
 
         for (const auto& [begin, end] : plan.runs) {
           out.narrow(1, begin, end - begin)
@@ -250,38 +260,31 @@ at::Tensor masked_linear_cpu(
           });
         }
       });
-  return result;
 }
 
-at::Tensor masked_linear_backward_input_cpu(
-    const at::Tensor& grad_output,
-    const at::Tensor& weight,
-    const at::Tensor& active) {
-  constexpr const char* op = "growop.masked_linear_backward_input";
-  const int64_t width =
-      checks::check_backward_input(op, grad_output, weight, active);
-  const int64_t in_features = weight.size(1);
-  const auto out_shape = with_last_dim(grad_output.sizes(), in_features);
-
-  const at::Tensor g = as_matrix(grad_output);
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor live_mask = active.contiguous();
+// grad_input (batch, in) = g[:, live] @ w[live].
+void gather_backward_input(
+    const at::Tensor& g,
+    const at::Tensor& w,
+    const at::Tensor& live_mask,
+    at::Tensor& grad_input) {
   const int64_t batch = g.size(0);
+  const int64_t width = g.size(1);
+  const int64_t in_features = w.size(1);
   // Reduced precision sums every piece in float32 (each live row gathered and
   // widened), so the result is rounded once, as a single GEMM's would be.
   const bool reduced = w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf;
   const at::ScalarType acc_type = reduced ? at::kFloat : w.scalar_type();
   const int64_t chunk = gather_chunk_rows(in_features, at::elementSize(acc_type));
   LivePlan plan = plan_live_rows(live_mask, width, chunk);
-  if (batch == 0 || plan.num_live == 0) {
-    return at::zeros(out_shape, w.options());
+  if (batch == 0 || in_features == 0 || plan.num_live == 0) {
+    grad_input.zero_();
+    return;
   }
   if (plan.gathered.empty() && plan.runs.size() == 1) {
     const auto [begin, end] = plan.runs.front();
-    at::Tensor result = at::empty(out_shape, w.options());
-    at::Tensor result_2d = result.view({batch, in_features});
-    at::mm_out(result_2d, g.narrow(1, begin, end - begin), w.narrow(0, begin, end - begin));
-    return result;
+    at::mm_out(grad_input, g.narrow(1, begin, end - begin), w.narrow(0, begin, end - begin));
+    return;
   }
   if (reduced) {
     plan = plan_live_rows(live_mask, width, chunk, std::numeric_limits<int64_t>::max());
@@ -312,28 +315,21 @@ at::Tensor masked_linear_backward_input_cpu(
           }
         });
   }
-  at::Tensor result = at::empty(out_shape, w.options());
-  result.view({batch, in_features}).copy_(acc);
-  return result;
+  grad_input.copy_(acc);
 }
 
-at::Tensor masked_linear_backward_weight_cpu(
-    const at::Tensor& grad_output,
-    const at::Tensor& input,
-    const at::Tensor& active) {
-  constexpr const char* op = "growop.masked_linear_backward_weight";
-  const int64_t width =
-      checks::check_backward_weight(op, grad_output, input, active);
-  const int64_t capacity = active.size(0);
-  const int64_t in_features = input.size(-1);
-
-  const at::Tensor g = as_matrix(grad_output);
-  const at::Tensor x = as_matrix(input);
-  const at::Tensor live_mask = active.contiguous();
+// grad_weight (capacity, in): g[:, live]^T @ x on the live rows, zero elsewhere.
+at::Tensor gather_backward_weight(
+    const at::Tensor& g,
+    const at::Tensor& x,
+    const at::Tensor& live_mask,
+    int64_t capacity) {
   const int64_t batch = x.size(0);
+  const int64_t width = g.size(1);
+  const int64_t in_features = x.size(1);
   const LivePlan plan = plan_live_rows(
       live_mask, width, gather_chunk_rows(in_features, x.element_size()));
-  if (batch == 0 || plan.num_live == 0) {
+  if (batch == 0 || in_features == 0 || plan.num_live == 0) {
     return at::zeros({capacity, in_features}, x.options());
   }
 
@@ -342,7 +338,7 @@ at::Tensor masked_linear_backward_weight_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "masked_linear_backward_weight_cpu", [&] {
         scalar_t* gw = grad_weight.data_ptr<scalar_t>();
-        const bool* live = live_mask.data_ptr<bool>();
+        const bool* live = live_mask.const_data_ptr<bool>();
         // Rows that are not live get exact zeros.
         const auto zero_dead_rows = [&](int64_t begin, int64_t end) {
           at::parallel_for(begin, end, 64, [&](int64_t r0, int64_t r1) {
@@ -400,28 +396,109 @@ at::Tensor masked_linear_backward_weight_cpu(
   return grad_weight;
 }
 
-at::Tensor masked_linear_backward_bias_cpu(
-    const at::Tensor& grad_output,
-    const at::Tensor& active) {
-  constexpr const char* op = "growop.masked_linear_backward_bias";
-  const int64_t width = checks::check_backward_bias(op, grad_output, active);
-  at::Tensor grad_bias = at::zeros({active.size(0)}, grad_output.options());
-  if (width == 0 || grad_output.numel() == 0) {
+// grad_bias (capacity,): g summed over the batch on live rows, zero elsewhere.
+at::Tensor gather_backward_bias(
+    const at::Tensor& g,
+    const at::Tensor& live_mask,
+    int64_t capacity) {
+  const int64_t width = g.size(1);
+  at::Tensor grad_bias = at::zeros({capacity}, g.options());
+  if (width == 0 || g.size(0) == 0) {
     return grad_bias;
   }
-  at::Tensor summed = grad_output.reshape({-1, width}).sum(0);
-  summed.masked_fill_(active.narrow(0, 0, width).logical_not(), 0);
+  at::Tensor summed = g.sum(0);
+  summed.masked_fill_(live_mask.narrow(0, 0, width).logical_not(), 0);
   grad_bias.narrow(0, 0, width).copy_(summed);
   return grad_bias;
+}
+
+at::Tensor masked_linear_cpu(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias_opt,
+    const at::Tensor& active,
+    int64_t width,
+    std::optional<double> mask_value,
+    std::string_view strategy,
+    std::optional<int64_t> /*live_count: the CPU counts the mask itself*/) {
+  constexpr const char* op = "growop.masked_linear";
+  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
+  checks::check_forward(
+      op, input, weight, has_bias ? &*bias_opt : nullptr, active, width);
+  const at::Tensor live_mask = active.contiguous();
+  const int64_t num_live = count_live(live_mask, width);
+  const at::Tensor x = as_matrix(input);
+  const int64_t batch = x.size(0);
+  const Path path = choose_path(
+      op, strategy, c10::DeviceType::CPU, width, num_live, batch * weight.size(1));
+
+  // The result is allocated in its final shape and written through a 2-D view:
+  // an operator must not return a view of a tensor it made.
+  at::Tensor result = at::empty(with_last_dim(input.sizes(), width), x.options());
+  at::Tensor out = as_matrix(result);
+  if (batch == 0 || width == 0) {
+    return result;
+  }
+  const double fill = dense::fill_value(weight.scalar_type(), mask_value);
+  const at::Tensor bias = has_bias ? *bias_opt : at::Tensor();
+  if (path == Path::kDense) {
+    dense::forward(x, weight, bias, live_mask, fill, num_live < width, out);
+  } else {
+    gather_forward(x.contiguous(), weight.contiguous(), has_bias ? bias.contiguous() : bias,
+                   live_mask, fill, out);
+  }
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& active,
+    std::array<bool, 3> output_mask,
+    std::string_view strategy,
+    std::optional<int64_t> /*live_count: the CPU counts the mask itself*/) {
+  constexpr const char* op = "growop.masked_linear_backward";
+  const int64_t width = checks::check_backward(op, grad_output, input, weight, active);
+  const int64_t capacity = weight.size(0);
+  const at::Tensor live_mask = active.contiguous();
+  const int64_t num_live = count_live(live_mask, width);
+  const at::Tensor g = as_matrix(grad_output);
+  const at::Tensor x = as_matrix(input);
+  const Path path = choose_path(
+      op, strategy, c10::DeviceType::CPU, width, num_live, x.size(0) * weight.size(1));
+  if (path == Path::kDense) {
+    auto [grad_input, grad_weight, grad_bias] =
+        dense::backward_outputs(input, weight, output_mask);
+    at::Tensor gi = output_mask[0] ? as_matrix(grad_input) : at::Tensor();
+    at::Tensor gw = output_mask[1] ? grad_weight : at::Tensor();
+    at::Tensor gb = output_mask[2] ? grad_bias : at::Tensor();
+    dense::backward(g, x, weight, live_mask, num_live < width, gi, gw, gb);
+    return {grad_input, grad_weight, grad_bias};
+  }
+  // The gather kernels allocate their own weight-side gradients (see
+  // gradient_buffer), so only what output_mask leaves out is made here.
+  auto [grad_input, grad_weight, grad_bias] = dense::backward_outputs(
+      input, weight, {output_mask[0], false, false});
+  const at::Tensor g_rows = g.contiguous();
+  if (output_mask[0]) {
+    at::Tensor gi = as_matrix(grad_input);
+    gather_backward_input(g_rows, weight.contiguous(), live_mask, gi);
+  }
+  if (output_mask[1]) {
+    grad_weight = gather_backward_weight(g_rows, x.contiguous(), live_mask, capacity);
+  }
+  if (output_mask[2]) {
+    grad_bias = gather_backward_bias(g_rows, live_mask, capacity);
+  }
+  return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(growop, CPU, m) {
   m.impl("masked_linear", &masked_linear_cpu);
-  m.impl("masked_linear_backward_input", &masked_linear_backward_input_cpu);
-  m.impl("masked_linear_backward_weight", &masked_linear_backward_weight_cpu);
-  m.impl("masked_linear_backward_bias", &masked_linear_backward_bias_cpu);
+  m.impl("masked_linear_backward", &masked_linear_backward_cpu);
 }
 
 }  // namespace growop

@@ -3,19 +3,13 @@
 // dtype, stream). The checks are the CPU kernels' own (csrc/checks.h), so a
 // user error reads the same on every device.
 //
-// Nothing here reads the mask on the host: each op compacts the live rows on
-// the device first and the kernels read the list, so an op never waits for
-// the GPU and can be captured in a CUDA graph whose replays follow in-place
-// changes of `active`.
-//
-// TODO(cuBLAS for a known prefix): where the live rows are one prefix
-// [0, n), the products are plain GEMMs on views (out[:, :n] = addmm(bias[:n],
-// x, weight[:n].t()), ...) and cuBLAS is faster than the tiled kernels. The
-// host cannot tell that the mask is a prefix without reading it, which
-// synchronises with the device and breaks graph capture, and the op schema
-// carries no hint; so every call takes the kernels. The dispatch rule (and
-// whether it beats the kernels by enough to carry a hint through the schema)
-// is to be measured on a GPU with benchmarks/bench_linear.py --device cuda.
+// Each call takes the dense strategy (csrc/dense.h: cuBLAS GEMMs over the
+// first `width` rows, dead columns masked on the device) or the live-row
+// kernels, by the rule of csrc/strategy.h. The host never reads the mask:
+// `auto` decides from the caller's live-count hint, and without one takes
+// dense. The kernels compact the live rows on the device first and read the
+// list, so neither path waits for the GPU and both can be captured in a CUDA
+// graph whose replays follow in-place changes of `active`.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -26,11 +20,16 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string_view>
+#include <tuple>
 
 #include "../checks.h"
+#include "../dense.h"
+#include "../strategy.h"
 #include "masked_linear_kernel.cuh"
 
 namespace growop {
@@ -114,18 +113,41 @@ const uint8_t* mask_bytes(const at::Tensor& active) {
   return reinterpret_cast<const uint8_t*>(active.const_data_ptr<bool>());
 }
 
-// The live rows among the first `width`, compacted on the device:
-// element 0 of the result is their count, elements 1 .. count the rows.
-at::Tensor live_rows(const at::Tensor& active, int64_t width, cudaStream_t stream) {
-  at::Tensor list = at::empty({width + 1}, active.options().dtype(at::kInt));
-  k::LiveRowsParams params{};
-  params.active = mask_bytes(active);
-  params.width = static_cast<int32_t>(width);
-  params.num_live = list.data_ptr<int32_t>();
-  params.live_rows = params.num_live + 1;
-  C10_CUDA_CHECK(k::launch_live_rows(params, stream));
+// The preparation every kernel launch shares (as flash-attention's
+// set_params_fprop): the limits checked, the live rows among the first
+// `width` compacted on the device into `list` (element 0 their count,
+// elements 1 .. count the rows), and the shared fields of `params` filled.
+// `list` must outlive the launches.
+void set_params_base(
+    k::MaskedLinearParams& params,
+    at::Tensor& list,
+    const char* op,
+    const at::Tensor& weight,
+    const at::Tensor& mask,
+    int64_t batch,
+    int64_t width,
+    cudaStream_t stream) {
+  const int64_t capacity = weight.size(0);
+  const int64_t in_features = weight.size(1);
+  check_kernel_limits(op, weight, {batch, in_features, capacity});
+  list = at::empty({width + 1}, mask.options().dtype(at::kInt));
+  k::LiveRowsParams live{};
+  live.active = mask_bytes(mask);
+  live.width = static_cast<int32_t>(width);
+  live.num_live = list.data_ptr<int32_t>();
+  live.live_rows = live.num_live + 1;
+  C10_CUDA_CHECK(k::launch_live_rows(live, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return list;
+
+  params.dtype = kernel_dtype(weight.scalar_type());
+  params.allow_tf32 = allow_tf32();
+  params.active = mask_bytes(mask);
+  params.num_live = list.const_data_ptr<int32_t>();
+  params.live_rows = params.num_live + 1;
+  params.batch = static_cast<int32_t>(batch);
+  params.in_features = static_cast<int32_t>(in_features);
+  params.width = static_cast<int32_t>(width);
+  params.capacity = static_cast<int32_t>(capacity);
 }
 
 at::Tensor masked_linear_cuda(
@@ -134,7 +156,9 @@ at::Tensor masked_linear_cuda(
     const std::optional<at::Tensor>& bias_opt,
     const at::Tensor& active,
     int64_t width,
-    std::optional<double> mask_value) {
+    std::optional<double> mask_value,
+    std::string_view strategy,
+    std::optional<int64_t> live_count) {
   constexpr const char* op = "growop.masked_linear";
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   checks::check_forward(op, input, weight, has_bias ? &*bias_opt : nullptr, active, width);
@@ -142,170 +166,114 @@ at::Tensor masked_linear_cuda(
   const c10::cuda::CUDAGuard guard(weight.device());
 
   const at::Tensor x = as_rows(input, in_features);
-  const at::Tensor w = as_rows(weight, in_features);
-  const at::Tensor bias = has_bias ? bias_opt->contiguous() : at::Tensor();
   const at::Tensor mask = active.contiguous();
   const int64_t batch = x.size(0);
-  check_kernel_limits(op, weight, {batch, in_features, weight.size(0)});
+  const Path path = choose_path(
+      op, strategy, c10::DeviceType::CUDA, width, live_count, batch * in_features);
   // Allocated in its final shape: an operator must not return a view.
   at::Tensor result = at::empty(checks::with_last_dim(input.sizes(), width), x.options());
   if (batch == 0 || width == 0) {
     return result;
   }
-  const at::Tensor out = result.view({batch, width});
+  at::Tensor out = result.view({batch, width});
+  const double fill = dense::fill_value(weight.scalar_type(), mask_value);
+  const at::Tensor bias = has_bias ? bias_opt->contiguous() : at::Tensor();
+  if (path == Path::kDense) {
+    dense::forward(x, weight, bias, mask, fill, /*mask_dead=*/true, out);
+    return result;
+  }
 
-  const double fill = mask_value.has_value()
-      ? *mask_value
-      : AT_DISPATCH_FLOATING_TYPES_AND2(
-            at::kBFloat16, at::kHalf, w.scalar_type(), "masked_linear_cuda", [&] {
-              return static_cast<double>(std::numeric_limits<scalar_t>::lowest());
-            });
+  const at::Tensor w = as_rows(weight, in_features);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor list = live_rows(mask, width, stream);
-
   k::ForwardParams params{};
-  params.dtype = kernel_dtype(w.scalar_type());
-  params.allow_tf32 = allow_tf32();
+  at::Tensor list;
+  set_params_base(params, list, op, w, mask, batch, width, stream);
   params.input = x.const_data_ptr();
   params.input_row_stride = row_stride(x);
   params.weight = w.const_data_ptr();
   params.weight_row_stride = row_stride(w);
   params.bias = has_bias ? bias.const_data_ptr() : nullptr;
-  params.active = mask_bytes(mask);
-  params.num_live = list.const_data_ptr<int32_t>();
-  params.live_rows = params.num_live + 1;
   params.out = out.data_ptr();
   params.out_row_stride = width;
-  params.batch = static_cast<int32_t>(batch);
-  params.in_features = static_cast<int32_t>(in_features);
-  params.width = static_cast<int32_t>(width);
   params.mask_value = fill;
   C10_CUDA_CHECK(k::launch_masked_linear_forward(params, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return result;
 }
 
-at::Tensor masked_linear_backward_input_cuda(
-    const at::Tensor& grad_output,
-    const at::Tensor& weight,
-    const at::Tensor& active) {
-  constexpr const char* op = "growop.masked_linear_backward_input";
-  const int64_t width = checks::check_backward_input(op, grad_output, weight, active);
-  const int64_t in_features = weight.size(1);
-  const c10::cuda::CUDAGuard guard(weight.device());
-  const auto out_shape = checks::with_last_dim(grad_output.sizes(), in_features);
-
-  const at::Tensor g = as_rows(grad_output, width);
-  const at::Tensor w = as_rows(weight, in_features);
-  const at::Tensor mask = active.contiguous();
-  const int64_t batch = g.size(0);
-  check_kernel_limits(op, weight, {batch, in_features, weight.size(0)});
-  if (batch == 0 || width == 0 || in_features == 0) {
-    return at::zeros(out_shape, w.options());
-  }
-  at::Tensor result = at::empty(out_shape, w.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor list = live_rows(mask, width, stream);
-
-  k::BackwardInputParams params{};
-  params.dtype = kernel_dtype(w.scalar_type());
-  params.allow_tf32 = allow_tf32();
-  params.grad_output = g.const_data_ptr();
-  params.grad_output_row_stride = row_stride(g);
-  params.weight = w.const_data_ptr();
-  params.weight_row_stride = row_stride(w);
-  params.num_live = list.const_data_ptr<int32_t>();
-  params.live_rows = params.num_live + 1;
-  params.grad_input = result.data_ptr();
-  params.grad_input_row_stride = in_features;
-  params.batch = static_cast<int32_t>(batch);
-  params.in_features = static_cast<int32_t>(in_features);
-  params.width = static_cast<int32_t>(width);
-  C10_CUDA_CHECK(k::launch_masked_linear_backward_input(params, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return result;
-}
-
-at::Tensor masked_linear_backward_weight_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
     const at::Tensor& grad_output,
     const at::Tensor& input,
-    const at::Tensor& active) {
-  constexpr const char* op = "growop.masked_linear_backward_weight";
-  const int64_t width = checks::check_backward_weight(op, grad_output, input, active);
-  const int64_t capacity = active.size(0);
-  const int64_t in_features = input.size(-1);
-  const c10::cuda::CUDAGuard guard(input.device());
+    const at::Tensor& weight,
+    const at::Tensor& active,
+    std::array<bool, 3> output_mask,
+    std::string_view strategy,
+    std::optional<int64_t> live_count) {
+  constexpr const char* op = "growop.masked_linear_backward";
+  const int64_t width = checks::check_backward(op, grad_output, input, weight, active);
+  const int64_t in_features = weight.size(1);
+  const c10::cuda::CUDAGuard guard(weight.device());
 
   const at::Tensor g = as_rows(grad_output, width);
   const at::Tensor x = as_rows(input, in_features);
   const at::Tensor mask = active.contiguous();
   const int64_t batch = x.size(0);
-  check_kernel_limits(op, input, {batch, in_features, capacity});
-  if (batch == 0 || width == 0) {
-    return at::zeros({capacity, in_features}, x.options());
+  const Path path = choose_path(
+      op, strategy, c10::DeviceType::CUDA, width, live_count, batch * in_features);
+  auto [grad_input, grad_weight, grad_bias] =
+      dense::backward_outputs(input, weight, output_mask);
+  at::Tensor gi = output_mask[0] ? grad_input.view({batch, in_features}) : at::Tensor();
+  at::Tensor gw = output_mask[1] ? grad_weight : at::Tensor();
+  at::Tensor gb = output_mask[2] ? grad_bias : at::Tensor();
+  if (path == Path::kDense) {
+    dense::backward(g, x, weight, mask, /*mask_dead=*/true, gi, gw, gb);
+    return {grad_input, grad_weight, grad_bias};
   }
-  at::Tensor grad_weight = at::empty({capacity, in_features}, x.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor list = live_rows(mask, width, stream);
 
-  k::BackwardWeightParams params{};
-  params.dtype = kernel_dtype(x.scalar_type());
-  params.allow_tf32 = allow_tf32();
+  const at::Tensor w = as_rows(weight, in_features);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  k::BackwardParams params{};
+  at::Tensor list;
+  set_params_base(params, list, op, w, mask, batch, width, stream);
   params.grad_output = g.const_data_ptr();
   params.grad_output_row_stride = row_stride(g);
   params.input = x.const_data_ptr();
   params.input_row_stride = row_stride(x);
-  params.active = mask_bytes(mask);
-  params.num_live = list.const_data_ptr<int32_t>();
-  params.live_rows = params.num_live + 1;
-  params.grad_weight = grad_weight.data_ptr();
-  params.grad_weight_row_stride = in_features;
-  params.batch = static_cast<int32_t>(batch);
-  params.in_features = static_cast<int32_t>(in_features);
-  params.width = static_cast<int32_t>(width);
-  params.capacity = static_cast<int32_t>(capacity);
-  C10_CUDA_CHECK(k::launch_masked_linear_backward_weight(params, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad_weight;
-}
-
-at::Tensor masked_linear_backward_bias_cuda(
-    const at::Tensor& grad_output,
-    const at::Tensor& active) {
-  constexpr const char* op = "growop.masked_linear_backward_bias";
-  const int64_t width = checks::check_backward_bias(op, grad_output, active);
-  const int64_t capacity = active.size(0);
-  const c10::cuda::CUDAGuard guard(grad_output.device());
-
-  const at::Tensor g = as_rows(grad_output, width);
-  const at::Tensor mask = active.contiguous();
-  const int64_t batch = g.size(0);
-  check_kernel_limits(op, grad_output, {batch, capacity});
-  at::Tensor grad_bias = at::empty({capacity}, grad_output.options());
-  if (capacity == 0) {
-    return grad_bias;
+  params.weight = w.const_data_ptr();
+  params.weight_row_stride = row_stride(w);
+  if (gi.defined()) {
+    if (batch == 0 || width == 0 || in_features == 0) {
+      gi.zero_();
+    } else {
+      params.grad_input = gi.data_ptr();
+      params.grad_input_row_stride = in_features;
+      C10_CUDA_CHECK(k::launch_masked_linear_backward_input(params, stream));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
-  k::BackwardBiasParams params{};
-  params.dtype = kernel_dtype(g.scalar_type());
-  params.grad_output = g.const_data_ptr();
-  params.grad_output_row_stride = row_stride(g);
-  params.active = mask_bytes(mask);
-  params.grad_bias = grad_bias.data_ptr();
-  params.batch = static_cast<int32_t>(batch);
-  params.width = static_cast<int32_t>(width);
-  params.capacity = static_cast<int32_t>(capacity);
-  C10_CUDA_CHECK(k::launch_masked_linear_backward_bias(params, at::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad_bias;
+  if (gw.defined()) {
+    if (batch == 0 || width == 0) {
+      gw.zero_();
+    } else {
+      params.grad_weight = gw.data_ptr();
+      params.grad_weight_row_stride = in_features;
+      C10_CUDA_CHECK(k::launch_masked_linear_backward_weight(params, stream));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  if (gb.defined() && gb.numel() > 0) {
+    params.grad_bias = gb.data_ptr();
+    C10_CUDA_CHECK(k::launch_masked_linear_backward_bias(params, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(growop, CUDA, m) {
   m.impl("masked_linear", &masked_linear_cuda);
-  m.impl("masked_linear_backward_input", &masked_linear_backward_input_cuda);
-  m.impl("masked_linear_backward_weight", &masked_linear_backward_weight_cuda);
-  m.impl("masked_linear_backward_bias", &masked_linear_backward_bias_cuda);
+  m.impl("masked_linear_backward", &masked_linear_backward_cuda);
 }
 
 }  // namespace growop

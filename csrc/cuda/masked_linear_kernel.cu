@@ -213,7 +213,7 @@ cudaError_t launch_masked_linear_forward(const ForwardParams& p, cudaStream_t st
 }
 
 cudaError_t launch_masked_linear_backward_input(
-    const BackwardInputParams& p, cudaStream_t stream) {
+    const BackwardParams& p, cudaStream_t stream) {
   if (p.batch < 0 || p.in_features < 0 || p.width < 0) {
     return cudaErrorInvalidValue;
   }
@@ -226,7 +226,7 @@ cudaError_t launch_masked_linear_backward_input(
 }
 
 cudaError_t launch_masked_linear_backward_weight(
-    const BackwardWeightParams& p, cudaStream_t stream) {
+    const BackwardParams& p, cudaStream_t stream) {
   if (p.batch < 0 || p.in_features < 0 || p.width < 0 || p.capacity < p.width) {
     return cudaErrorInvalidValue;
   }
@@ -253,7 +253,7 @@ cudaError_t launch_masked_linear_backward_weight(
 }
 
 cudaError_t launch_masked_linear_backward_bias(
-    const BackwardBiasParams& p, cudaStream_t stream) {
+    const BackwardParams& p, cudaStream_t stream) {
   if (p.batch < 0 || p.width < 0 || p.capacity < p.width) {
     return cudaErrorInvalidValue;
   }

@@ -24,74 +24,50 @@ struct LiveRowsParams {
   int32_t* num_live;   // (1,) written
 };
 
-// out[b, j] = input[b] . weight[j] + bias[j] for live j, mask_value for the
-// other j < width.
-struct ForwardParams {
+// What every op shares (as flash-attention's Qkv_params): the sizes, the mask
+// and its compacted live-row list, the math mode.
+struct MaskedLinearParams {
   DType dtype;
   bool allow_tf32;  // float32 on tensor cores in TF32
+  const uint8_t* active;  // (capacity,) bool
+  const int32_t* live_rows;  // from launch_live_rows
+  const int32_t* num_live;
+  int32_t batch;
+  int32_t in_features;
+  int32_t width;
+  int32_t capacity;
+};
+
+// out[b, j] = input[b] . weight[j] + bias[j] for live j, mask_value for the
+// other j < width.
+struct ForwardParams : MaskedLinearParams {
   const void* input;  // (batch, in_features)
   int64_t input_row_stride;
   const void* weight;  // (capacity, in_features)
   int64_t weight_row_stride;
   const void* bias;  // (capacity,) contiguous, or nullptr
-  const uint8_t* active;
-  const int32_t* live_rows;  // from launch_live_rows
-  const int32_t* num_live;
   void* out;  // (batch, width)
   int64_t out_row_stride;
-  int32_t batch;
-  int32_t in_features;
-  int32_t width;
   double mask_value;  // converted to the dtype as a static_cast would
 };
 
-// grad_input[b] = sum over live j of grad_output[b, j] * weight[j].
-struct BackwardInputParams {
-  DType dtype;
-  bool allow_tf32;
-  const void* grad_output;  // (batch, width)
-  int64_t grad_output_row_stride;
-  const void* weight;  // (capacity, in_features)
-  int64_t weight_row_stride;
-  const int32_t* live_rows;
-  const int32_t* num_live;
-  void* grad_input;  // (batch, in_features)
-  int64_t grad_input_row_stride;
-  int32_t batch;
-  int32_t in_features;
-  int32_t width;
-};
-
-// grad_weight[j] = sum over b of grad_output[b, j] * input[b] for live j;
-// every other row of grad_weight is zero.
-struct BackwardWeightParams {
-  DType dtype;
-  bool allow_tf32;
+// The three gradients, each launcher writing its own:
+//   grad_input[b] = sum over live j of grad_output[b, j] * weight[j];
+//   grad_weight[j] = sum over b of grad_output[b, j] * input[b] for live j;
+//   grad_bias[j] = sum over b of grad_output[b, j] for live j;
+// every other row of grad_weight and grad_bias is zero.
+struct BackwardParams : MaskedLinearParams {
   const void* grad_output;  // (batch, width)
   int64_t grad_output_row_stride;
   const void* input;  // (batch, in_features)
   int64_t input_row_stride;
-  const uint8_t* active;
-  const int32_t* live_rows;
-  const int32_t* num_live;
+  const void* weight;  // (capacity, in_features)
+  int64_t weight_row_stride;
+  void* grad_input;  // (batch, in_features)
+  int64_t grad_input_row_stride;
   void* grad_weight;  // (capacity, in_features)
   int64_t grad_weight_row_stride;
-  int32_t batch;
-  int32_t in_features;
-  int32_t width;
-  int32_t capacity;
-};
-
-// grad_bias[j] = sum over b of grad_output[b, j] for live j, else zero.
-struct BackwardBiasParams {
-  DType dtype;
-  const void* grad_output;  // (batch, width)
-  int64_t grad_output_row_stride;
-  const uint8_t* active;
   void* grad_bias;  // (capacity,) contiguous
-  int32_t batch;
-  int32_t width;
-  int32_t capacity;
 };
 
 // Each launcher enqueues its kernels on `stream` and returns the launch error
@@ -100,10 +76,10 @@ struct BackwardBiasParams {
 cudaError_t launch_live_rows(const LiveRowsParams& params, cudaStream_t stream);
 cudaError_t launch_masked_linear_forward(const ForwardParams& params, cudaStream_t stream);
 cudaError_t launch_masked_linear_backward_input(
-    const BackwardInputParams& params, cudaStream_t stream);
+    const BackwardParams& params, cudaStream_t stream);
 cudaError_t launch_masked_linear_backward_weight(
-    const BackwardWeightParams& params, cudaStream_t stream);
+    const BackwardParams& params, cudaStream_t stream);
 cudaError_t launch_masked_linear_backward_bias(
-    const BackwardBiasParams& params, cudaStream_t stream);
+    const BackwardParams& params, cudaStream_t stream);
 
 }  // namespace growop::kernels

@@ -691,7 +691,7 @@ struct BackwardInputGemm {
   static constexpr bool kAKInner = true;   // g is (b, j), columns through the list
   static constexpr bool kBKInner = false;  // W is (j, i), rows through the list
   template <typename T>
-  static GemmParams<T> build(const BackwardInputParams& p) {
+  static GemmParams<T> build(const BackwardParams& p) {
     GemmParams<T> g;
     g.a = operand<T>(p.grad_output, p.grad_output_row_stride);
     g.a.inner_index = p.live_rows;
@@ -713,7 +713,7 @@ struct BackwardWeightGemm {
   static constexpr bool kAKInner = false;  // g is (b, j), columns through the list
   static constexpr bool kBKInner = false;  // x is (b, i)
   template <typename T>
-  static GemmParams<T> build(const BackwardWeightParams& p) {
+  static GemmParams<T> build(const BackwardParams& p) {
     GemmParams<T> g;
     g.a = operand<T>(p.grad_output, p.grad_output_row_stride);
     g.a.inner_index = p.live_rows;

@@ -416,7 +416,7 @@ void test_ops(const Case& c) {
 
   {  // backward input
     Buffer<T> grad_input(size_t(c.batch) * ld_in);
-    BackwardInputParams p{};
+    BackwardParams p{};
     p.grad_output = g.data; p.grad_output_row_stride = ld_out;
     p.weight = w.data; p.weight_row_stride = ld_w;
     p.live_rows = live; p.num_live = list.data();
@@ -442,7 +442,7 @@ void test_ops(const Case& c) {
 
   {  // backward weight: dead rows zeroed, then the GEMM over live rows
     Buffer<T> grad_weight(size_t(c.capacity) * ld_w, c.misalign);
-    BackwardWeightParams p{};
+    BackwardParams p{};
     p.grad_output = g.data; p.grad_output_row_stride = ld_out;
     p.input = x.data; p.input_row_stride = ld_in;
     p.active = active.data();

@@ -1,0 +1,69 @@
+// Which of the two ways to compute a masked linear runs a call: the one rule,
+// shared by every backend.
+//
+// - dense: ATen GEMMs over all of the first `width` rows, dead columns masked
+//   after (see dense.h). Same code on every device; on CUDA it is cuBLAS and
+//   reads the mask only on the device, so it never synchronises.
+// - gather: the backend's own kernels, whose work follows the live rows
+//   (runs and gathered chunks on the CPU, live-row tiles on CUDA).
+//
+// Dense does width / live times the useful work at full GEMM speed; gather
+// does only the useful work, at a lower speed. `auto` takes gather only where
+// width / live exceeds the crossover R* of the device.
+#pragma once
+
+#include <c10/core/DeviceType.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+namespace growop {
+
+enum class Path { kDense, kGather };
+
+// R* on the CPU, measured with benchmarks/bench_linear.py --crossover
+// (RESULTS.md): the gather kernels' overhead over a GEMM on the live rows is
+// under 10%, while dense pays width / live, so gather wins from R = 1.25 up
+// and dense keeps the calls where (nearly) every row below width is live.
+constexpr double kCpuCrossover = 1.1;
+// R* on CUDA: conservative until it is measured on a GPU.
+constexpr double kCudaCrossover = 4.0;
+// Below this many multiply-adds saved per call (dead rows x batch x
+// in_features) gather's fixed cost outweighs what it saves: a small head is
+// one dense GEMM (on the CPU gather costs a (128, 64 -> 12) call about twice
+// what dense does).
+constexpr int64_t kMinSavedWork = int64_t{1} << 16;
+
+// `num_live`: the live rows among the first `width`, if known without a
+// device-to-host sync; without it `auto` takes dense. `row_work`: the
+// multiply-adds of one row, batch x in_features.
+inline Path choose_path(
+    const char* op,
+    std::string_view strategy,
+    c10::DeviceType device,
+    int64_t width,
+    std::optional<int64_t> num_live,
+    int64_t row_work) {
+  if (strategy == "dense") {
+    return Path::kDense;
+  }
+  if (strategy == "gather") {
+    return Path::kGather;
+  }
+  TORCH_CHECK(
+      strategy == "auto",
+      op, ": strategy must be 'auto', 'dense' or 'gather', got '", strategy, "'");
+  if (!num_live.has_value() ||
+      (width - *num_live) * row_work < kMinSavedWork) {
+    return Path::kDense;
+  }
+  const double crossover =
+      device == c10::DeviceType::CUDA ? kCudaCrossover : kCpuCrossover;
+  return static_cast<double>(width) > crossover * static_cast<double>(*num_live)
+      ? Path::kGather
+      : Path::kDense;
+}
+
+}  // namespace growop
