@@ -98,7 +98,10 @@ class RowSet:
     def _write_mask(self, index, value: bool) -> None:
         with torch.no_grad():
             for member in self.members:
-                member.active[index] = value
+                if isinstance(index, slice):  # a grow: fill the view, no scalar tensor made
+                    member.active[index].fill_(value)
+                else:
+                    member.active[index] = value
 
     # ------------------------------------------------------------------ operations
 
@@ -114,21 +117,31 @@ class RowSet:
             )
             if reason is not None:
                 raise RuntimeError(reason)
-        # Every member's rows are made before anything changes; a tied Parameter takes the
-        # rows of the first member that holds it (the tie's source).
+        # Within capacity, a built-in init writes straight into the unused slots
+        # [start, stop): nothing is allocated, and nothing that can fail comes after the
+        # write (the slots are not live until the mask below says so). Otherwise every
+        # member's rows are made before anything changes.
+        in_place = (
+            stop <= self.capacity
+            and isinstance(init, str)
+            and not any(distributed.is_sharded(p) for p in params)
+        )
+        # A tied Parameter takes the rows of the first member that holds it (the source).
         new_rows: dict[int, tuple[Tensor, Tensor]] = {}
         for member in self.members:
             if all(p is None or id(p) in new_rows for p in member._row_params().values()):
                 continue  # a tied member: its source made the rows of every Parameter it holds
-            for name, rows in member._initial_rows(k, init).items():
+            rows_made = member._initial_rows(k, init, into=start if in_place else None)
+            for name, rows in rows_made.items():
                 param = member._row_params()[name]
                 if param is not None and rows is not None:
                     new_rows.setdefault(id(param), (param, rows))
         if stop > self.capacity:
             self.reallocate(max(default_capacity(stop), math.ceil(self.capacity * GROWTH_FACTOR)), optimizer)
-        with torch.no_grad():
-            for param, rows in new_rows.values():
-                distributed.write_rows_(param, start, rows)
+        if not in_place:
+            with torch.no_grad():
+                for param, rows in new_rows.values():
+                    distributed.write_rows_(param, start, rows)
         self._write_mask(slice(start, stop), True)
         self._set_counts(stop, self.live + k)
         if optimizer is not None:
@@ -467,11 +480,16 @@ class GrowRows(nn.Module):
 
     # ------------------------------------------------------------------ new rows
 
-    def _initial_rows(self, k: int, init: RowInit) -> dict[str, Tensor | None]:
+    def _initial_rows(
+        self, k: int, init: RowInit, into: int | None = None
+    ) -> dict[str, Tensor | None]:
         """This layer's new rows for ``init``, computed before anything changes.
 
         Plain tensors on the layer's device, the same on every process for the built-in
-        inits (``"mean"`` gathers sharded parameters, a collective under FSDP2).
+        inits (``"mean"`` gathers sharded parameters, a collective under FSDP2). With
+        ``into`` (a built-in ``init``, unsharded Parameters, the rows within capacity) the
+        rows are written straight into the unused slots ``into .. into + k`` of the
+        Parameters, after every check, and those slots are returned.
         """
         params = self._row_params()
         shapes = {
@@ -481,25 +499,28 @@ class GrowRows(nn.Module):
         first = next(iter(params))
         with torch.no_grad():
             if isinstance(init, str):
+                if init not in ("default", "zeros", "mean"):
+                    raise ValueError(
+                        f"grow: unknown init {init!r}; expected 'default', 'zeros', 'mean', "
+                        "a tensor, a tuple or a callable"
+                    )
+                if init == "mean" and self._rows.live == 0:
+                    raise ValueError("grow(init='mean') needs at least one live row")
+                if into is not None:
+                    slots = {n: (likes[n][into : into + k] if n in shapes else None) for n in params}
+                    return self._builtin_rows_into(init, slots)
                 if init == "default":
                     return self._default_rows(k, shapes, likes)
                 if init == "zeros":
                     return {n: (likes[n].new_zeros(shapes[n]) if n in shapes else None) for n in params}
-                if init == "mean":
-                    if self._rows.live == 0:
-                        raise ValueError("grow(init='mean') needs at least one live row")
-                    out = {}
-                    for name, p in params.items():
-                        if p is None:
-                            out[name] = None
-                            continue
-                        mean = _live_mean(distributed.full(p.detach()), self.active, self._rows)
-                        out[name] = mean.expand(shapes[name]).clone()
-                    return out
-                raise ValueError(
-                    f"grow: unknown init {init!r}; expected 'default', 'zeros', 'mean', "
-                    "a tensor, a tuple or a callable"
-                )
+                out = {}
+                for name, p in params.items():
+                    if p is None:
+                        out[name] = None
+                        continue
+                    mean = _live_mean(distributed.full(p.detach()), self.active, self._rows)
+                    out[name] = mean.expand(shapes[name]).clone()
+                return out
             if isinstance(init, Tensor):
                 out = {n: (likes[n].new_zeros(shapes[n]) if n in shapes else None) for n in params}
                 out[first] = _rows_like(init, shapes[first], likes[first], "init")
@@ -528,6 +549,34 @@ class GrowRows(nn.Module):
                 return out
         raise TypeError(f"grow: init must be a str, tensor, tuple or callable, got {type(init).__name__}")
 
+    def _builtin_rows_into(self, init: str, slots: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+        """Writes ``init``'s rows into ``slots`` (views of unused rows) without allocating."""
+        if init == "zeros":
+            for slot in slots.values():
+                if slot is not None:
+                    slot.zero_()
+        elif init == "mean":
+            for name, slot in slots.items():
+                if slot is not None:
+                    _live_mean_into(self._row_params()[name].detach(), self.active, self._rows, slot[0])
+                    slot[1:].copy_(slot[0].expand_as(slot[1:]))
+        elif self.weight.is_meta:
+            pass  # on meta nothing is computed
+        elif self.weight.device.type == "cpu":
+            self._draw_rows(slots, self._row_generator())
+        else:  # drawn on the CPU, as everywhere, so the rows do not depend on the device
+            shapes = {n: tuple(v.shape) for n, v in slots.items() if v is not None}
+            likes = {n: v for n, v in slots.items() if v is not None}
+            for name, rows in self._default_rows(len(next(iter(likes.values()))), shapes, likes).items():
+                if rows is not None:
+                    slots[name].copy_(rows)
+        return slots
+
+    def _row_generator(self) -> torch.Generator:
+        """The generator of ``init="default"`` rows grown from the next slot: seeded by the
+        layer's seed and that slot, both the same on every DDP rank."""
+        return torch.Generator().manual_seed(_row_seed(int(self._init_seed), self._rows.used))
+
     def _default_rows(self, k: int, shapes: dict, likes: dict) -> dict[str, Tensor | None]:
         """Rows ``used .. used + k`` drawn as the layer initialises, reproducibly.
 
@@ -540,8 +589,7 @@ class GrowRows(nn.Module):
             for name in self._row_params()
         }
         if not self.weight.is_meta:
-            generator = torch.Generator().manual_seed(_row_seed(int(self._init_seed), self._rows.used))
-            self._draw_rows(rows, generator)
+            self._draw_rows(rows, self._row_generator())
         return {n: (r.to(likes[n].device) if r is not None else None) for n, r in rows.items()}
 
     # ------------------------------------------------------------------ checkpoints
@@ -632,6 +680,16 @@ def _live_mean(rows: Tensor, active: Tensor, row_set: RowSet) -> Tensor:
     used = row_set.used
     weights = active[:used].to(device=rows.device, dtype=rows.dtype)
     return (weights @ rows[:used]) / row_set.live
+
+
+def _live_mean_into(rows: Tensor, active: Tensor, row_set: RowSet, out: Tensor) -> None:
+    """``out[:] =`` the mean of the live rows. Every slot in use live (a vocabulary grown
+    and never masked) is a plain mean with ``out=``, which allocates nothing; otherwise the
+    mask-weighted :func:`_live_mean`."""
+    if row_set.live == row_set.used:
+        torch.mean(rows[: row_set.used], 0, out=out)
+    else:
+        out.copy_(_live_mean(rows, active, row_set))
 
 
 def _read_extra_state(state: Any) -> tuple[int, int | None]:

@@ -176,3 +176,53 @@ def test_tied_pair_state_dict_round_trip_keeps_the_tie(assign):
     torch.testing.assert_close(new_target(x), target(x))
     new_target.grow(1)
     assert_in_step(new_source, new_target)
+
+
+def _bytes_allocated(fn) -> int:
+    """Every byte torch allocates on the CPU while ``fn`` runs (its memory profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(event.self_cpu_memory_usage, 0) for event in prof.events())
+
+
+@pytest.mark.parametrize("init", ["default", "zeros"])
+@pytest.mark.parametrize("kind", ["linear", "embedding", "tied"])
+def test_grow_within_capacity_allocates_nothing(kind, init):
+    if kind == "linear":
+        layer = growop.GrowLinear(64, 100, capacity=130)
+    else:
+        layer = growop.GrowEmbedding(100, 64, capacity=130)
+    if kind == "tied":
+        growop.tie(layer, growop.GrowLinear(64, 100, bias=False, capacity=130))
+    weight = layer.weight.detach().clone()
+    assert _bytes_allocated(lambda: layer.grow(8, init=init)) == 0
+    assert torch.equal(layer.weight[:100], weight[:100])  # old rows untouched
+    assert bool(layer.active[:108].all()) and not bool(layer.active[108:].any())
+
+
+@pytest.mark.parametrize("init", ["default", "mean", "zeros"])
+def test_grow_within_capacity_in_place_rows_match_the_rows_made_aside(init):
+    # The rows a grow writes straight into the weight are the ones it makes aside past
+    # capacity, where it must: the same seeded draw, the same mean.
+    in_place = growop.GrowLinear(16, 10, capacity=20)
+    aside = growop.GrowLinear(16, 10, capacity=10)
+    with torch.no_grad():
+        aside.weight.copy_(in_place.weight[:10])
+        aside.bias.copy_(in_place.bias[:10])
+    aside._init_seed.copy_(in_place._init_seed)
+    in_place.grow(3, init=init)
+    aside.grow(3, init=init, allow_reallocation=True)
+    assert in_place.capacity == 20 and aside.capacity > 10
+    torch.testing.assert_close(in_place.weight[:13], aside.weight[:13], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(in_place.bias[:13], aside.bias[:13], rtol=1e-6, atol=1e-6)
+
+
+def test_grow_mean_in_place_skips_masked_rows():
+    layer = growop.GrowLinear(8, 4, capacity=10)
+    with torch.no_grad():
+        layer.weight[:4] = torch.arange(4.0)[:, None]
+    layer.deactivate([3])
+    layer.grow(2, init="mean")
+    torch.testing.assert_close(layer.weight[4:6], torch.full((2, 8), 1.0))  # mean of rows 0-2
