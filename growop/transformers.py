@@ -148,8 +148,9 @@ def resize_token_embeddings(
     if capacity > embedding.capacity:
         _reserve(embedding, capacity, optimizer)
     if new > live:
-        init = "mean" if mean_resizing else _normal_init(model)
-        embedding.grow(new - live, init=init, optimizer=optimizer)
+        rows = embedding.grow(new - live, init="mean" if mean_resizing else "zeros", optimizer=optimizer)
+        if not mean_resizing:
+            _draw_normal_(model, embedding, rows)
     _sync_vocab_size(model)
     return embedding
 
@@ -250,11 +251,19 @@ def _sync_vocab_size(model: PreTrainedModel) -> None:
         model.vocab_size = width
 
 
-def _normal_init(model: PreTrainedModel):
-    """New rows as transformers' ``_init_weights`` draws them: ``normal(0, initializer_range)``."""
+def _draw_normal_(model: PreTrainedModel, embedding: GrowEmbedding, rows: range) -> None:
+    """Draws the new rows' weights as transformers' ``_init_weights`` does,
+    ``normal(0, initializer_range)``, in place (an untied head's bias rows stay zero).
+
+    The rows were grown as zeros, so nothing is allocated for them.
+    """
     std = float(getattr(model.config.get_text_config(), "initializer_range", 0.02))
-
-    def init(weight, *rest):
-        weight.normal_(0.0, std)
-
-    return init
+    with torch.no_grad():
+        for param in embedding._rows.params():
+            if param.dim() != 2:
+                continue
+            if distributed.is_sharded(param):  # a DTensor's slice is a copy: blend rows in
+                values = distributed.local(param).new_empty((len(rows), param.shape[1]))
+                distributed.write_rows_(param, rows.start, values.normal_(0.0, std))
+            else:
+                param[rows.start : rows.stop].normal_(0.0, std)

@@ -170,6 +170,23 @@ def test_mean_resizing_gives_the_mean_of_live_rows_and_untied_heads_their_own():
     model.resize_token_embeddings(300, mean_resizing=False)
     drawn = embedding.weight.detach()[52:300]
     assert abs(float(drawn.std()) - model.config.initializer_range) < 0.004
+    head_drawn = head.weight.detach()[52:300]  # the untied head draws its own rows
+    assert abs(float(head_drawn.std()) - model.config.initializer_range) < 0.004
+    assert not torch.equal(head_drawn, drawn)
+
+
+@pytest.mark.parametrize("mean_resizing", [True, False], ids=["mean", "plain"])
+def test_resize_within_capacity_allocates_nothing(mean_resizing):
+    from torch.profiler import ProfilerActivity, profile
+
+    model = make_growable(MODELS["llama_tied"](50), capacity=64)
+    weight = model.get_input_embeddings().weight
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model.resize_token_embeddings(58, mean_resizing=mean_resizing)
+    allocated = sum(max(event.self_cpu_memory_usage, 0) for event in prof.events())
+    # The mean is reduced into the first new row; a scalar or two of bookkeeping at most.
+    assert allocated <= (16 if mean_resizing else 0), allocated
+    assert model.get_input_embeddings().weight is weight and model.config.vocab_size == 58
 
 
 def test_static_shape_logits_are_capacity_wide():
