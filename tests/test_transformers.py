@@ -20,6 +20,7 @@ from transformers import (  # noqa: E402
 )
 
 import growop  # noqa: E402
+from growop.demo_vocab import measure_allocations  # noqa: E402
 from growop.transformers import make_growable, to_plain  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -177,13 +178,11 @@ def test_mean_resizing_gives_the_mean_of_live_rows_and_untied_heads_their_own():
 
 @pytest.mark.parametrize("mean_resizing", [True, False], ids=["mean", "plain"])
 def test_resize_within_capacity_allocates_nothing(mean_resizing):
-    from torch.profiler import ProfilerActivity, profile
-
     model = make_growable(MODELS["llama_tied"](50), capacity=64)
     weight = model.get_input_embeddings().weight
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model.resize_token_embeddings(58, mean_resizing=mean_resizing)
-    allocated = sum(max(event.self_cpu_memory_usage, 0) for event in prof.events())
+    _, allocated, _ = measure_allocations(
+        lambda: model.resize_token_embeddings(58, mean_resizing=mean_resizing)
+    )
     # The mean is reduced into the first new row; a scalar or two of bookkeeping at most.
     assert allocated <= (16 if mean_resizing else 0), allocated
     assert model.get_input_embeddings().weight is weight and model.config.vocab_size == 58
