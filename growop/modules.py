@@ -108,16 +108,17 @@ class GrowLinear(GrowRows, nn.Linear):
         self._reset_rows()
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.static_shape:
-            return self._masked_linear(input, self.capacity)
         if torch.compiler.is_compiling():
+            # The host-side live count is left out under compile: an int that changes on
+            # every grow would be a guard, and a recompile.
+            if self.static_shape:
+                return self._masked_linear(input, self.capacity, None)
             return _forward_with_dynamic_width(self, input)
-        return self._masked_linear(input, self.out_features)
+        # The live count lets auto choose a strategy without a device sync.
+        width = self.capacity if self.static_shape else self.out_features
+        return self._masked_linear(input, width, self._live_count)
 
-    def _masked_linear(self, input: Tensor, width: int) -> Tensor:
-        # The host-side live count lets auto choose a strategy without a sync. Under compile
-        # it is left out: an int that changes on every grow would be a guard, and a recompile.
-        live_count = None if torch.compiler.is_compiling() else self._live_count
+    def _masked_linear(self, input: Tensor, width: int, live_count: int | None) -> Tensor:
         return functional.masked_linear(
             input,
             self.weight,
@@ -221,9 +222,9 @@ def _forward_with_dynamic_width(layer: GrowLinear, input: Tensor) -> Tensor:
     """
     patch = getattr(torch._dynamo, "patch_dynamo_config", None)  # imported: we are compiling
     if patch is None:
-        return layer._masked_linear(input, layer.out_features)
+        return layer._masked_linear(input, layer.out_features, None)
     with patch(allow_unspec_int_on_nn_module=True):
-        return layer._masked_linear(input, layer.out_features)
+        return layer._masked_linear(input, layer.out_features, None)
 
 
 def _linear_init_(
