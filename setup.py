@@ -54,7 +54,26 @@ def extension():
     )
 
 
+class BuildExtensionCheckingLibstdcxx(BuildExtension):
+    """torch's BuildExtension, refusing a C++ compiler that would link libstdc++ statically
+    (see growop._extension.static_libstdcxx_problem): the result would crash on its first
+    error message."""
+
+    def build_extensions(self):
+        drivers = {
+            command[0]
+            for command in (getattr(self.compiler, attr, None) for attr in
+                            ("compiler_cxx", "compiler_so", "linker_so", "linker_so_cxx"))
+            if command
+        }
+        for driver in sorted(drivers):
+            problem = _extension.static_libstdcxx_problem(driver)
+            if problem is not None:
+                raise SystemExit(problem)
+        super().build_extensions()
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionCheckingLibstdcxx.with_options(use_ninja=True)},
 )

@@ -311,7 +311,7 @@ def main(argv=None) -> None:
                         help="CSV to append to (default benchmarks/bench_linear.csv, "
                              "or benchmarks/bench_linear_cuda.csv with --device cuda)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtypes", nargs="+", choices=list(CUDA_DTYPES), default=["bf16", "fp32"],
+    parser.add_argument("--dtypes", nargs="+", choices=list(CUDA_DTYPES), default=["bf16", "tf32"],
                         help="--device cuda only")
     parser.add_argument("--masks", nargs="+", choices=list(CUDA_MASKS), default=list(CUDA_MASKS),
                         help="--device cuda only")
@@ -373,14 +373,22 @@ def main(argv=None) -> None:
 
 CUDA_CASE = (8192, 4096, 32000)  # (batch, in_features, live rows): an LM head's vocabulary
 CUDA_CAPACITY = 40000
-CUDA_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "tf32": torch.float32}
+# bf16, and float32 as nn.Linear runs it on tensor cores (TF32 allowed); "fp32" is strict.
+CUDA_DTYPES = {"bf16": torch.bfloat16, "tf32": torch.float32, "fp32": torch.float32}
 # mask name -> (capacity, how the live rows lie). "fragmented" draws the live rows from the whole
-# capacity (80% density at 40000); "fragmented50" doubles the capacity for a 50% density.
+# capacity (80% density at 40000); "fragmented50" doubles the capacity for a 50% density;
+# "spread16" spreads them over 16x the live rows (6% density), where auto must take gather.
 CUDA_MASKS = {
     "prefix": (CUDA_CAPACITY, "prefix"),
     "fragmented": (CUDA_CAPACITY, "fragmented"),
     "fragmented50": (2 * CUDA_CASE[2], "fragmented"),
+    "spread16": (16 * CUDA_CASE[2], "fragmented"),
 }
+# The GrowLinear providers of the CUDA table: the three strategies through the layer (with its
+# host-side live count, so gather runs cuBLAS on the packed live rows), gather's live-row
+# kernels (no live count: what CUDA graphs and static shapes without a count run), and the
+# layer with static_shape=True (output as wide as the capacity) under auto.
+CUDA_PROVIDERS = (*STRATEGIES, "kernels", "static")
 
 
 def cuda_timings(fns: dict, warmup: int, repeats: int) -> dict[str, Timing]:
@@ -405,12 +413,26 @@ def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
     return ((got.double() - exact).norm() / exact.norm()).item()
 
 
-def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen) -> dict:
+def spread_mask(live: int, capacity: int, generator: torch.Generator) -> torch.Tensor:
+    """`live` rows drawn at random from the whole capacity, the last row among them."""
+    rows = torch.randperm(capacity - 1, generator=generator)[: live - 1]
+    active = torch.zeros(capacity, dtype=torch.bool)
+    active[rows] = True
+    active[-1] = True
+    return active
+
+
+def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen, device="cuda") -> dict:
     batch, in_features, live = CUDA_CASE
     capacity, layout = CUDA_MASKS[mask]
-    dtype, device = CUDA_DTYPES[dtype_name], torch.device("cuda")
+    dtype, device = CUDA_DTYPES[dtype_name], torch.device(device)
     torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
-    active = torch.arange(capacity) < live if layout == "prefix" else fragmented_mask(live, capacity, gen)
+    if layout == "prefix":
+        active = torch.arange(capacity) < live
+    elif capacity > 2 * live:
+        active = spread_mask(live, capacity, gen)
+    else:
+        active = fragmented_mask(live, capacity, gen)
     out_features = int(active.nonzero().max()) + 1
     layer = growop.GrowLinear(in_features, out_features, capacity=capacity, device=device, dtype=dtype)
     with torch.no_grad():
@@ -422,40 +444,93 @@ def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen) 
     with torch.no_grad():
         baseline.weight.copy_(weight[live_rows])
         baseline.bias.copy_(bias[live_rows])
-    x = torch.randn(batch, in_features, device=device, dtype=dtype)
+    # The input asks for its gradient, as a head's input does inside a network: forward+
+    # backward is three GEMMs.
+    x = torch.randn(batch, in_features, device=device, dtype=dtype, requires_grad=True)
     grad_growop = torch.randn(batch, out_features, device=device, dtype=dtype)
     grad_live = grad_growop[:, live_rows].contiguous()
+    # static_shape only where the capacity is the case's 40000: its output is capacity wide.
+    static = capacity == CUDA_CAPACITY
+    grad_static = torch.randn(batch, capacity, device=device, dtype=dtype) if static else None
+
+    def kernels():  # gather without a live count: the live-row kernels
+        with growop.strategy("gather"):
+            return growop.functional.masked_linear(
+                x, weight, bias, active=layer.active, out_features=out_features)
+
+    def static_forward():
+        layer.static_shape = True
+        try:
+            return layer(x)
+        finally:
+            layer.static_shape = False
 
     with torch.no_grad():  # the same function as nn.Linear, and as accurate
-        exact = F.linear(x.double(), baseline.weight.double(), baseline.bias.double())
-        ours, theirs = layer(x)[:, live_rows], baseline(x)  # under the strategy in force
-        err, torch_err = relative_error(ours, exact), relative_error(theirs, exact)
-        del exact, ours, theirs
+        exact = F.linear(x.detach().double(), baseline.weight.double(), baseline.bias.double())
+        theirs = baseline(x)
+        torch_err = relative_error(theirs, exact)
+        errors = {}
+        for provider, fn in (("auto", lambda: layer(x)), ("gather", under("gather", lambda: layer(x))),
+                             ("kernels", kernels)):
+            errors[provider] = relative_error(fn()[:, live_rows], exact) / torch_err
+        del exact, theirs
 
     slice_forward = plain_slice_forward(x, weight, bias, live_rows, layout == "prefix")
-    forward, both = provider_timings(
-        lambda fns: cuda_timings(fns, warmup, repeats),
-        baseline, layer, x, slice_forward, grad_live, grad_growop,
-    )
+    params = [weight, bias, x]
+    forward_fns = {
+        "linear": lambda: baseline(x),
+        **{s: under(s, lambda: layer(x)) for s in STRATEGIES},
+        "kernels": kernels,
+        "static": static_forward,
+        "slice": slice_forward,
+    }
+    both_fns = {
+        "linear": training_step(lambda: baseline(x), grad_live, [*baseline.parameters(), x]),
+        **{s: under(s, training_step(lambda: layer(x), grad_growop, params)) for s in STRATEGIES},
+        "kernels": training_step(kernels, grad_growop, params),
+        "static": training_step(static_forward, grad_static, params),
+        "slice": training_step(slice_forward, grad_live, params),
+    }
+    if not static:
+        del forward_fns["static"], both_fns["static"]
+    with torch.no_grad():
+        forward = cuda_timings(forward_fns, warmup, repeats)
+    both = cuda_timings(both_fns, warmup, repeats)
     torch.backends.cuda.matmul.allow_tf32 = False
     flops = 2 * batch * in_features * live
     base_fwd, base_both = forward["linear"].median, both["linear"].median
     row = {
         "dtype": dtype_name, "mask": mask, "batch": batch, "in": in_features, "live": live,
-        "capacity": capacity, "fwd_linear_ms": base_fwd, "fb_linear_ms": base_both,
-        "fwd_linear_tflops": flops / base_fwd / 1e9,
+        "capacity": capacity, "width": out_features, "fwd_linear_ms": base_fwd, "fb_linear_ms": base_both,
+        "fwd_linear_tflops": flops / base_fwd / 1e9, "fb_linear_tflops": 3 * flops / base_both / 1e9,
     }
-    for provider in (*STRATEGIES, "slice"):
-        row[f"fwd_{provider}_ms"] = forward[provider].median
-        row[f"fwd_{provider}_ratio"] = forward[provider].median / base_fwd
-        row[f"fb_{provider}_ms"] = both[provider].median
-        row[f"fb_{provider}_ratio"] = both[provider].median / base_both
-        row[f"fb_{provider}_tflops"] = 3 * flops / both[provider].median / 1e9
-    row["rel_err"], row["torch_rel_err"] = err, torch_err
-    del layer, baseline, x, grad_growop, grad_live
+    nan = float("nan")
+    for provider in (*CUDA_PROVIDERS, "slice"):
+        fwd = forward[provider].median if provider in forward else nan
+        fb = both[provider].median if provider in both else nan
+        row[f"fwd_{provider}_ms"], row[f"fwd_{provider}_ratio"] = fwd, fwd / base_fwd
+        row[f"fb_{provider}_ms"], row[f"fb_{provider}_ratio"] = fb, fb / base_both
+    for provider, ratio in errors.items():
+        row[f"err_{provider}_x"] = ratio
+    del layer, baseline, x, grad_growop, grad_live, grad_static, forward_fns, both_fns
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def cuda_crossover(rows: list[dict]) -> None:
+    """R* on this GPU from the fragmented rows: dense costs about width / live times the
+    live rows' GEMMs, gather (packed) a fixed ratio g over them, so gather wins from
+    R* = g x R / dense_ratio up."""
+    print("\ncrossover: R* = gather ratio x (width / live) / dense ratio, forward+backward")
+    for row in rows:
+        if row["mask"] == "prefix":
+            continue
+        r = row["width"] / row["live"]
+        estimate = row["fb_gather_ratio"] * r / row["fb_dense_ratio"]
+        row["crossover_estimate"] = estimate
+        print(f"{row['dtype']:5} {row['mask']:12} width/live {r:5.2f}: dense {row['fb_dense_ratio']:5.2f}x, "
+              f"gather {row['fb_gather_ratio']:5.2f}x, kernels {row['fb_kernels_ratio']:5.2f}x -> R* ~ {estimate:4.2f}")
 
 
 def bench_cuda_grow(repeats: int) -> dict:
@@ -493,8 +568,9 @@ def main_cuda(args) -> None:
     print(f"# (batch, in, live) = {CUDA_CASE}; x = growop / nn.Linear on the live rows (medians of "
           f"{args.repeats or 10} CUDA-event timings); err x = growop's error / nn.Linear's, against float64")
     header = (f"{'dtype':5} {'mask':12} {'cap':>6} {'lin f+b ms':>10} "
-              + " ".join(f"{'fwd ' + s:>10}" for s in STRATEGIES) + " "
-              + " ".join(f"{'f+b ' + s:>10}" for s in (*STRATEGIES, "slice")) + f" {'err x':>6}")
+              + " ".join(f"{'fwd ' + s:>12}" for s in (*CUDA_PROVIDERS, "slice")) + " "
+              + " ".join(f"{'f+b ' + s:>12}" for s in (*CUDA_PROVIDERS, "slice"))
+              + " " + " ".join(f"{'err x ' + s:>14}" for s in ("auto", "gather", "kernels")))
     print(header)
     rows = []
     for dtype_name in args.dtypes:
@@ -502,21 +578,30 @@ def main_cuda(args) -> None:
             row = bench_cuda_case(dtype_name, mask, warmup=3, repeats=args.repeats or 10, gen=gen)
             rows.append(row)
             print(f"{dtype_name:5} {mask:12} {row['capacity']:6} {row['fb_linear_ms']:10.2f} "
-                  + " ".join(f"{row[f'fwd_{s}_ratio']:10.2f}" for s in STRATEGIES) + " "
-                  + " ".join(f"{row[f'fb_{s}_ratio']:10.2f}" for s in (*STRATEGIES, "slice"))
-                  + f" {row['rel_err'] / row['torch_rel_err']:6.2f}", flush=True)
+                  + " ".join(f"{row[f'fwd_{s}_ratio']:12.2f}" for s in (*CUDA_PROVIDERS, "slice")) + " "
+                  + " ".join(f"{row[f'fb_{s}_ratio']:12.2f}" for s in (*CUDA_PROVIDERS, "slice"))
+                  + " " + " ".join(f"{row[f'err_{s}_x']:14.2f}" for s in ("auto", "gather", "kernels")),
+                  flush=True)
+    cuda_crossover(rows)
     print(f"\ngrow(1) within capacity vs add_output_nodes on {name}, bf16, (in, rows) = "
           f"({CUDA_CASE[1]}, {CUDA_CASE[2]})")
     g = bench_cuda_grow(repeats=10)
     print(f"{'cap':>7} {'grow ms':>9} {'copy ms':>9} {'speedup':>8}")
     print(f"{g['capacity']:7} {g['grow_ms']:9.3f} {g['copy_ms']:9.2f} {g['speedup']:8.0f}", flush=True)
     if args.csv:
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.writer(f)
-            for row in rows:
-                writer.writerow(["linear-cuda", stamp, *row.values()])
-            writer.writerow(["grow-cuda", stamp, *g.values()])
+        write_cuda_csv(args.csv, stamp, rows, g)
         print(f"\nrows appended to {args.csv}")
+
+
+def write_cuda_csv(path: str, stamp: str, rows: list[dict], grow: dict) -> None:
+    """One header line per run (columns vary with the providers measured), then its rows."""
+    rows = [{"kind": "linear-cuda", "stamp": stamp, **row} for row in rows]
+    rows.append({"kind": "grow-cuda", "stamp": stamp, **grow})
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The GPU check of growop's CUDA path, in one run (under 8 minutes on one H100/H200):
+# The GPU check of growop's CUDA path, in one run (under 7 minutes on one H100/H200):
 #
 #   1. machine: GPU, driver, torch and CUDA versions, nvcc;
 #   2. build: growop with its CUDA kernels, for this GPU's architecture only
 #      (pip install --no-build-isolation --no-deps -e .; no network needed), and a check
 #      that the CUDA kernels are registered and that the GEMMs run on tensor cores (HMMA);
 #   3. tests: every CUDA test (pytest -k cuda: the cuda half of tests/test_ops.py under each
-#      strategy, with values and gradients in bf16/fp16/fp32/fp64, auto's forward+backward
-#      under torch.cuda.set_sync_debug_mode("error"), CUDA-graph replays of a static_shape
-#      layer after grow/deactivate/reactivate in tests/test_cuda_graphs.py, and the CUDA
-#      parts of the other files), then compute-sanitizer memcheck over the gather kernels'
-#      odd-size and fragmented-mask tests where compute-sanitizer exists;
-#   4. benchmark: python benchmarks/bench_linear.py --device cuda (a row per strategy: the
-#      dense/gather crossover R* on this GPU is read from it);
-#   5. a summary table, last.
+#      strategy, with and without a live count, values and gradients in bf16/fp16/fp32/fp64,
+#      auto's forward+backward under torch.cuda.set_sync_debug_mode("error"), CUDA-graph
+#      replays of a static_shape layer after grow/deactivate/reactivate in
+#      tests/test_cuda_graphs.py, and the CUDA parts of the other files);
+#   4. benchmark: python benchmarks/bench_linear.py --device cuda (a row per strategy and
+#      mask, bf16 and TF32, the dense/gather crossover R* on this GPU, grow latency);
+#   5. the main job: python -m growop.demo --device cuda --quick;
+#   6. compute-sanitizer memcheck over the gather kernels' odd-size and fragmented-mask
+#      tests, where compute-sanitizer exists and time is left;
+#   7. a summary table, last.
+#
+# CHECK_STEPS names the steps after the build to run (default "tests bench demo memcheck"),
+# CHECK_SECONDS the run's budget (default 390). A compiler in CXX without a shared
+# libstdc++ is swapped for /usr/bin/g++ (setup.py refuses it).
 #
 # Logs and the benchmark CSV go to $OUT (the device tool's folder) or to CHECK_OUT, else a
 # temporary folder. Exit status: 0 when every step passed; 1 when a step failed (the later
@@ -27,10 +33,13 @@ LOGS=${CHECK_OUT:-${OUT:-$(mktemp -d -t growop-device-check.XXXX)}}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
-# Every step after the build runs under a timeout that keeps the whole run inside 7.5 minutes.
-DEADLINE=$((START + ${CHECK_SECONDS:-450}))
+# Every step after the build runs under a timeout that keeps the whole run inside 6.5 minutes.
+DEADLINE=$((START + ${CHECK_SECONDS:-390}))
 STATUS=0
 SUMMARY=()
+# The steps after the build, by name (a rerun may take fewer).
+STEPS=${CHECK_STEPS:-"tests bench demo memcheck"}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 step() { echo; echo "=== $* [$(($(date +%s) - START)) s]"; }
 # Seconds for the next step: at most $1, and no later than the deadline.
@@ -81,7 +90,20 @@ ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 BUILD_START=$(date +%s)
-if "$PY" -m pip install --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1 &&
+# A C++ compiler without a shared libstdc++ (one such image sets CXX=/opt/gcc/bin/g++) makes
+# an extension that crashes on its first error message; setup.py refuses it, so the build
+# takes the system compiler instead.
+if [[ -n "${CXX:-}" && "$("$CXX" -print-file-name=libstdc++.so 2>/dev/null)" != /* && -x /usr/bin/g++ ]]; then
+  echo "CXX=$CXX has no shared libstdc++: building with /usr/bin/g++"
+  export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+fi
+{
+  echo "# link environment"
+  env | grep -E "^(LDFLAGS|CFLAGS|CXXFLAGS|CPPFLAGS|CC|CXX|LDSHARED)=" || true
+  "$PY" -c "import sys, sysconfig as s; print(sys.executable, sys.base_prefix); print({k: s.get_config_var(k) for k in ('CC', 'CXX', 'LDSHARED', 'LDCXXSHARED', 'LDFLAGS')})"
+  c++ --version | head -1
+} >"$LOGS/link.log" 2>&1
+if "$PY" -m pip install -v --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1 &&
   "$PY" - <<'EOF' 2>&1 | tee -a "$LOGS/build.log"
 import torch, growop
 assert growop.ops.BUILD == "prebuilt", growop.ops.BUILD
@@ -92,6 +114,35 @@ EOF
 then
   BUILT=1
   SO=$("$PY" -c "import growop._C as c; print(c.__file__)")
+  {
+    echo "# link line"
+    grep -E " -shared " "$LOGS/build.log" | tail -1
+    echo "# libraries"
+    ldd "$SO" | grep -E "stdc|cudart|c10|torch" || true
+    echo "# libstdc++ code inside growop._C (0 when it is linked shared)"
+    nm --defined-only "$SO" | grep -c "_ZNSo9_M_insert" || true
+  } >>"$LOGS/link.log" 2>&1
+  tail -8 "$LOGS/link.log"
+  # An error message is formatted inside growop._C (c10::str): it must raise, not crash.
+  for DEV in cpu cuda; do
+    if "$PY" - "$DEV" >"$LOGS/probe.txt" 2>&1 <<'EOF'
+import sys, torch
+from growop import ops
+d = sys.argv[1]
+try:
+    ops.masked_linear(torch.ones(2, 3, device=d), torch.ones(4, 4, device=d), None,
+                      torch.ones(4, dtype=torch.bool, device=d), 4)
+except RuntimeError as e:
+    print(f"error formatting on {d}: ok ({str(e).splitlines()[0][:80]})")
+EOF
+    then
+      tail -1 "$LOGS/probe.txt" | tee -a "$LOGS/link.log"
+    else
+      echo "error formatting on $DEV: CRASHED" | tee -a "$LOGS/link.log"
+      STATUS=1
+    fi
+  done
+  rm -f "$LOGS/probe.txt"
   HMMA=$(cuobjdump -sass "$SO" 2>/dev/null | grep -c "HMMA" || true)
   record build "ok in $(($(date +%s) - BUILD_START)) s for sm_${ARCH/./}; ${HMMA:-?} HMMA instructions in growop._C"
 else
@@ -101,35 +152,24 @@ else
   record build "FAILED (see $LOGS/build.log)"
 fi
 
-if [[ "$BUILT" == 1 ]]; then
+if [[ "$BUILT" == 1 ]] && want tests; then
   step "CUDA tests"
   # test_cuda_compile needs no GPU and runs in CI; -k cuda takes every other CUDA test.
-  if timeout "$(budget 200)" "$PY" -m pytest -q -rs -p no:cacheprovider tests -k cuda \
-      --ignore=tests/test_cuda_compile.py --junitxml="$LOGS/tests.xml" 2>&1 | tee "$LOGS/tests.log"; then
+  # With pytest-xdist, four workers share the GPU, and a test that crashes its process is
+  # reported as failed instead of ending the run.
+  XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4 --max-worker-restart 50" || true)
+  if timeout "$(budget 130)" "$PY" -m pytest -q -rs -p no:cacheprovider $XDIST tests -k cuda --tb=short \
+      --ignore=tests/test_cuda_compile.py 2>&1 | tee "$LOGS/tests.log"; then
     record tests "$(tail -1 "$LOGS/tests.log")"
   else
     STATUS=1
     record tests "FAILED: $(tail -1 "$LOGS/tests.log")"
   fi
+fi
 
-  step "compute-sanitizer memcheck"
-  if command -v compute-sanitizer >/dev/null; then
-    if timeout "$(budget 80)" compute-sanitizer --tool memcheck --error-exitcode 3 \
-        "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py \
-        -k "cuda and gather and (odd_sizes or fragmented_and_empty or values_and_grads_match_reference and mixed)" \
-        >"$LOGS/memcheck.log" 2>&1; then
-      record memcheck "clean ($(grep -Eo '[0-9]+ passed' "$LOGS/memcheck.log" | tail -1))"
-    else
-      STATUS=1
-      grep -E "ERROR SUMMARY|Invalid|passed|failed" "$LOGS/memcheck.log" | tail -8 || true
-      record memcheck "FAILED (see $LOGS/memcheck.log)"
-    fi
-  else
-    record memcheck "skipped: compute-sanitizer not found"
-  fi
-
+if [[ "$BUILT" == 1 ]] && want bench; then
   step "benchmark: bench_linear.py --device cuda"
-  if timeout "$(budget 240)" "$PY" benchmarks/bench_linear.py --device cuda --repeats 8 \
+  if timeout "$(budget 100)" "$PY" benchmarks/bench_linear.py --device cuda --repeats 8 \
       --csv "$LOGS/bench_linear_cuda.csv" \
       2>&1 | tee "$LOGS/bench.log"; then
     record bench "ok (CSV: $LOGS/bench_linear_cuda.csv)"
@@ -139,6 +179,38 @@ if [[ "$BUILT" == 1 ]]; then
   fi
 fi
 
+if [[ "$BUILT" == 1 ]] && want demo; then  step "main job: python -m growop.demo --device cuda --quick"
+  if timeout "$(budget 30)" "$PY" -m growop.demo --device cuda --quick --out "$(mktemp -d)" \
+      >"$LOGS/demo.log" 2>&1; then
+    record demo "ok: $(grep -iE "accuracy|acc" "$LOGS/demo.log" | tail -1)"
+  else
+    STATUS=1
+    tail -20 "$LOGS/demo.log"
+    record demo "FAILED (see $LOGS/demo.log)"
+  fi
+fi
+
+if [[ "$BUILT" == 1 ]] && want memcheck; then
+  step "compute-sanitizer memcheck"
+  if command -v compute-sanitizer >/dev/null; then
+    if timeout "$(budget 90)" compute-sanitizer --tool memcheck --error-exitcode 3 \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py \
+        -k "cuda and gather and (odd_sizes or fragmented_and_empty or values_and_grads_match_reference and mixed)" \
+        >"$LOGS/memcheck.log" 2>&1; then
+      record memcheck "clean ($(grep -Eo '[0-9]+ passed' "$LOGS/memcheck.log" | tail -1))"
+    elif [[ $? == 124 ]]; then
+      record memcheck "out of time; errors reported before the stop: $(grep -c "^========= Invalid" "$LOGS/memcheck.log" || true)"
+    else
+      STATUS=1
+      grep -E "ERROR SUMMARY|Invalid|passed|failed" "$LOGS/memcheck.log" | tail -8 || true
+      record memcheck "FAILED (see $LOGS/memcheck.log)"
+    fi
+  else
+    record memcheck "skipped: compute-sanitizer not found"
+  fi
+
+fi
+
 echo
 echo "=== summary [$(($(date +%s) - START)) s]"
 "$PY" -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
@@ -146,6 +218,7 @@ printf '%s\n' "${SUMMARY[@]}"
 if [[ -s "$LOGS/bench.log" ]]; then
   echo
   grep -E "^(dtype|bf16|fp32|tf32) " "$LOGS/bench.log" || true
+  grep -A8 -E "^crossover" "$LOGS/bench.log" || true
   grep -A2 -E "^ +cap +grow ms" "$LOGS/bench.log" || true
 fi
 exit "$STATUS"

@@ -19,10 +19,12 @@
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 
 TORCH_LIBRARY(growop, m) {
   // out[..., j] = input @ weight[j] + bias[j] where active[j], else mask_value,
@@ -90,6 +92,22 @@ std::tuple<Tensor, Tensor, Tensor> masked_linear_backward(
               std::array<bool, 3>, c10::string_view, std::optional<int64_t>)>();
   return op.call(
       grad_output, input, weight, active, output_mask, strategy, live_count);
+}
+
+// torch::autograd::Node is held by c10::intrusive_ptr in newer torch (2.13) and by
+// std::shared_ptr in older (2.11): follow whatever Edge::function is.
+using NodePtr = decltype(torch::autograd::Edge::function);
+constexpr bool kSharedNodes = std::is_same_v<NodePtr, std::shared_ptr<Node>>;
+template <class T>
+using NodeHandle =
+    std::conditional_t<kSharedNodes, std::shared_ptr<T>, c10::intrusive_ptr<T>>;
+template <class T>
+NodeHandle<T> make_node() {
+  if constexpr (kSharedNodes) {
+    return std::make_shared<T>();
+  } else {
+    return c10::make_intrusive<T>();
+  }
 }
 
 // The autograd nodes are written as ATen's generated ones are (a Node with
@@ -219,9 +237,9 @@ Tensor masked_linear_autograd(
     std::optional<double> mask_value,
     c10::string_view strategy,
     std::optional<int64_t> live_count) {
-  c10::intrusive_ptr<MaskedLinearBackward> grad_fn;
+  NodeHandle<MaskedLinearBackward> grad_fn;
   if (torch::autograd::compute_requires_grad(input, weight, bias)) {
-    grad_fn = c10::make_intrusive<MaskedLinearBackward>();
+    grad_fn = make_node<MaskedLinearBackward>();
     grad_fn->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
     grad_fn->input = SavedVariable(input, false);
     grad_fn->weight = SavedVariable(weight, false);
@@ -250,9 +268,9 @@ std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_autograd(
     std::array<bool, 3> output_mask,
     c10::string_view strategy,
     std::optional<int64_t> live_count) {
-  c10::intrusive_ptr<MaskedLinearDoubleBackward> grad_fn;
+  NodeHandle<MaskedLinearDoubleBackward> grad_fn;
   if (torch::autograd::compute_requires_grad(grad_output, input, weight)) {
-    grad_fn = c10::make_intrusive<MaskedLinearDoubleBackward>();
+    grad_fn = make_node<MaskedLinearDoubleBackward>();
     grad_fn->set_next_edges(
         torch::autograd::collect_next_edges(grad_output, input, weight));
     grad_fn->grad_output = SavedVariable(grad_output, false);

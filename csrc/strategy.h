@@ -4,8 +4,9 @@
 // - dense: ATen GEMMs over all of the first `width` rows, dead columns masked
 //   after (see dense.h). Same code on every device; on CUDA it is cuBLAS and
 //   reads the mask only on the device, so it never synchronises.
-// - gather: the backend's own kernels, whose work follows the live rows
-//   (runs and gathered chunks on the CPU, live-row tiles on CUDA).
+// - gather: work that follows the live rows (runs and gathered chunks on the
+//   CPU; on CUDA, cuBLAS on the packed live rows when the caller knows the
+//   live count, else the live-row kernels).
 //
 // Dense does width / live times the useful work at full GEMM speed; gather
 // does only the useful work, at a lower speed. `auto` takes gather only where
@@ -28,8 +29,13 @@ enum class Path { kDense, kGather };
 // under 10%, while dense pays width / live, so gather wins from R = 1.25 up
 // and dense keeps the calls where (nearly) every row below width is live.
 constexpr double kCpuCrossover = 1.1;
-// R* on CUDA: conservative until it is measured on a GPU.
-constexpr double kCudaCrossover = 4.0;
+// R* on CUDA, measured on an H200 (benchmarks/RESULTS.md): at (8192, 4096)
+// and 32000 live rows, gather on the packed live rows costs 1.2x (TF32) to
+// 1.5x (bf16) of nn.Linear on the live rows for width / live from 1.25 to 2,
+// while dense pays at least width / live and, at widths that are not a
+// multiple of 8, far more (cuBLAS on an unaligned row stride: 1.65x to 14x
+// there). Dense keeps the calls where at most 1 row in 6 below width is dead.
+constexpr double kCudaCrossover = 1.2;
 // Below this many multiply-adds saved per call (dead rows x batch x
 // in_features) gather's fixed cost outweighs what it saves: a small head is
 // one dense GEMM (on the CPU gather costs a (128, 64 -> 12) call about twice

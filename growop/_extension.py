@@ -79,6 +79,33 @@ def _nvcc_major(cuda_home: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def static_libstdcxx_problem(compiler: str) -> str | None:
+    """Why `compiler` must not build growop, or ``None``.
+
+    A C++ compiler with no shared libstdc++ (a toolchain built to link it statically) puts a
+    private copy of libstdc++ into the extension. Its iostreams then meet the shared
+    libstdc++ that torch loads, and formatting any error message inside the extension
+    (``TORCH_CHECK``'s ``c10::str``) crashes the process. Asked of the compiler itself:
+    ``-print-file-name=libstdc++.so`` answers a path where the shared library exists, and the
+    bare name where it does not.
+    """
+    try:
+        found = subprocess.run(
+            [compiler, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=60,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None  # cannot ask: the build itself will say what is wrong
+    if not found or (os.path.isabs(found) and os.path.exists(found)):
+        return None
+    return (
+        f"growop: the C++ compiler '{compiler}' has no shared libstdc++ "
+        f"('{compiler} -print-file-name=libstdc++.so' prints '{found}'), so growop's extension "
+        "would carry a private static copy of it, and any error raised inside it would crash "
+        "the process next to torch's shared libstdc++. Build with a compiler that links "
+        "libstdc++ as a shared library, e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc."
+    )
+
+
 @contextlib.contextmanager
 def _jit_cuda_archs():
     """Without TORCH_CUDA_ARCH_LIST, torch builds for the GPUs it sees, or for every
@@ -113,6 +140,9 @@ def _jit_build() -> None:
             "found. Install one (e.g. apt-get install g++) or set CXX, or build ahead of time "
             "where a compiler exists: pip install --no-build-isolation ."
         )
+    problem = static_libstdcxx_problem(compiler)
+    if problem is not None:
+        raise ImportError(problem)
     with _jit_cuda_archs() if with_cuda else contextlib.nullcontext():
         cpp_extension.load(
             name="growop_C",

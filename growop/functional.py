@@ -31,8 +31,11 @@ def masked_linear(
             cross-entropy treat as probability zero while staying finite.
         live_count: the number of live rows among the first ``out_features``, if the caller
             knows it without reading ``active`` (``GrowLinear`` keeps it on the host). The
-            ``auto`` strategy uses it to choose between the dense and the gather kernels; it
-            never changes the result. Without it CUDA takes dense; the CPU counts the mask.
+            ``auto`` strategy uses it to choose between dense and gather; on CUDA it also lets
+            gather run cuBLAS on the packed live rows, and dense skip the masking pass when
+            every row is live. It must be exact: the CUDA path checks it on the device (a
+            wrong count is a device-side assert) and sets it aside while a CUDA graph is
+            captured. Without it CUDA's ``auto`` takes dense; the CPU counts the mask itself.
 
     Returns:
         ``(*, out_features)``: column ``j`` is ``input @ weight[j] + bias[j]`` where

@@ -55,3 +55,36 @@ def test_missing_compiler_gives_a_clear_message():
     result = run_python("import growop", GROWOP_FORCE_JIT="1", CXX="no-such-compiler")
     assert result.returncode != 0
     assert "needs a C++ compiler, and 'no-such-compiler' was not found" in result.stderr
+
+
+def static_only_compiler(tmp_path: Path) -> Path:
+    """A g++ that, like a toolchain built without a shared libstdc++, finds no libstdc++.so."""
+    script = tmp_path / "g++-static-only"
+    script.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "-print-file-name=libstdc++.so" ]; then echo libstdc++.so; exit 0; fi\n'
+        'exec g++ "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def test_a_compiler_without_shared_libstdcxx_is_refused_clearly(tmp_path):
+    """Its extension would hold a private libstdc++ and crash on the first error message."""
+    assert _extension.static_libstdcxx_problem("g++") is None
+    assert _extension.static_libstdcxx_problem("no-such-compiler") is None  # the build says why
+    fake = static_only_compiler(tmp_path)
+    problem = _extension.static_libstdcxx_problem(str(fake))
+    assert problem is not None and "has no shared libstdc++" in problem and "CXX=/usr/bin/g++" in problem
+
+    jit = run_python("import growop", GROWOP_FORCE_JIT="1", CXX=str(fake))
+    assert jit.returncode != 0 and "has no shared libstdc++" in jit.stderr, jit.stderr[-2000:]
+
+    ahead = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "temp"),
+         "--build-lib", str(tmp_path / "lib")],
+        capture_output=True, text=True, env={**os.environ, "CXX": str(fake), "GROWOP_BUILD_CUDA": "0"},
+        cwd=ROOT, timeout=600,
+    )
+    assert ahead.returncode != 0 and "has no shared libstdc++" in ahead.stderr, ahead.stderr[-2000:]
+    assert not list((tmp_path / "lib").rglob("*.so")), "nothing may be built"

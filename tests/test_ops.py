@@ -55,11 +55,11 @@ def to(device: str, *tensors, requires_grad: bool = False):
     return moved
 
 
-def forward_and_grads(x, weight, bias, active, width, grad_out, mask_value=None):
+def forward_and_grads(x, weight, bias, active, width, grad_out, mask_value=None, live_count=None):
     """The op's output and gradients."""
     leaves = [t for t in (x, weight, bias) if t is not None]
     poison_allocator(x.device.type)
-    out = ops.masked_linear(x, weight, bias, active, width, mask_value)
+    out = ops.masked_linear(x, weight, bias, active, width, mask_value, live_count)
     grads = torch.autograd.grad(out, leaves, grad_out)
     return out.detach(), grads
 
@@ -76,24 +76,28 @@ def reference_and_grads(x, weight, bias, active, width, grad_out, mask_value=Non
 
 
 def check_against_reference(device, dtype, x, weight, bias, active, width, mask_value=None, what=""):
-    """Output and gradients on `device` against the reference; dead rows exactly zero."""
+    """Output and gradients on `device` against the reference; dead rows exactly zero. Each
+    call runs twice: without a live count and with the exact one (CUDA's gather then runs
+    cuBLAS on the packed live rows, and dense skips its masking pass when all rows are live)."""
     gen = torch.Generator().manual_seed(11)
     grad_out = torch.randn(*x.shape[:-1], width, generator=gen).to(dtype)
     xd, wd, bd = to(device, x, weight, bias, requires_grad=True)
     ad, gd = to(device, active, grad_out)
-    out, grads = forward_and_grads(xd, wd, bd, ad, width, gd, mask_value)
     ref, ref_grads = reference_and_grads(xd, wd, bd, ad, width, grad_out, mask_value)
-    assert out.dtype == dtype, what
-    assert_close(out, ref, dtype, f"{what} output on {device}")
-    for name, got, expected in zip(("input", "weight", "bias"), grads, ref_grads):
-        assert got.dtype == dtype, what
-        assert_close(got, expected, dtype, f"{what} grad {name} on {device}")
     dead = ~active.cpu()
-    assert torch.all(grads[1].cpu()[dead] == 0), f"{what}: rows that are not live must get exactly zero gradient"
-    if bias is not None:
-        assert torch.all(grads[2].cpu()[dead] == 0), what
     fill = mask_value if mask_value is not None else torch.finfo(dtype).min
-    assert torch.all(out.cpu()[..., dead[:width]] == fill), what
+    for live_count in (None, int(active[:width].sum())):
+        how = f"{what} (live_count={live_count})"
+        out, grads = forward_and_grads(xd, wd, bd, ad, width, gd, mask_value, live_count)
+        assert out.dtype == dtype, how
+        assert_close(out, ref, dtype, f"{how} output on {device}")
+        for name, got, expected in zip(("input", "weight", "bias"), grads, ref_grads):
+            assert got.dtype == dtype, how
+            assert_close(got, expected, dtype, f"{how} grad {name} on {device}")
+        assert torch.all(grads[1].cpu()[dead] == 0), f"{how}: rows that are not live must get exactly zero gradient"
+        if bias is not None:
+            assert torch.all(grads[2].cpu()[dead] == 0), how
+        assert torch.all(out.cpu()[..., dead[:width]] == fill), how
     return out
 
 
@@ -389,7 +393,8 @@ def test_auto_takes_dense_where_most_rows_are_live_and_gather_where_few_are(devi
 
 @pytest.mark.parametrize("kind", ["prefix", "random", "mixed"])
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
-def test_gradcheck_and_gradgradcheck_float64(device, strategy, kind, has_bias):
+@pytest.mark.parametrize("hinted", [False, True], ids=["nocount", "count"])
+def test_gradcheck_and_gradgradcheck_float64(device, strategy, kind, has_bias, hinted):
     gen = torch.Generator().manual_seed(3)
     capacity = {"prefix": 9, "random": 70, "mixed": 900}[kind]  # 70: over one 64-row tile
     in_features, batch = (3, 2) if kind == "mixed" else (5, 3)
@@ -398,9 +403,11 @@ def test_gradcheck_and_gradgradcheck_float64(device, strategy, kind, has_bias):
     weight = torch.randn(capacity, in_features, dtype=torch.float64, generator=gen).to(device).requires_grad_()
     bias = torch.randn(capacity, dtype=torch.float64, generator=gen).to(device).requires_grad_() if has_bias else None
     width = capacity - 1
+    live_count = int(active[:width].sum()) if hinted else None
 
     def fn(x, weight, *bias_arg):
-        return ops.masked_linear(x, weight, bias_arg[0] if bias_arg else None, active, width)
+        return ops.masked_linear(x, weight, bias_arg[0] if bias_arg else None, active, width,
+                                 live_count=live_count)
 
     inputs = (x, weight, bias) if has_bias else (x, weight)
     fast = kind != "prefix"
@@ -682,6 +689,28 @@ def test_cuda_errors_read_as_the_cpu_ones():
 
 
 # -------------------------------------------------------------------------------- CUDA
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("strategy_name,live_count", [("gather", 3), ("gather", 5), ("dense", 6)])
+def test_cuda_checks_the_live_count_on_the_device(strategy_name, live_count):
+    """A live count that does not match the mask (4 live rows of 6) is a device-side assert,
+    never a silent wrong result. It kills the CUDA context, so it runs in a child process."""
+    code = f"""
+import torch, growop
+from growop import ops
+active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device="cuda")
+x, weight = torch.randn(2, 4, device="cuda"), torch.randn(6, 4, device="cuda")
+with growop.strategy("{strategy_name}"):
+    ops.masked_linear(x, weight, None, active, 6, live_count={live_count})
+torch.cuda.synchronize()
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "live_count" in run.stderr or "device-side assert" in run.stderr, run.stderr[-2000:]
+    with pytest.raises(RuntimeError, match=r"live_count must be in \[0, 6\], got 7"):
+        ops.masked_linear(torch.randn(2, 4, device="cuda"), torch.randn(6, 4, device="cuda"), None,
+                          torch.ones(6, dtype=torch.bool, device="cuda"), 6, live_count=7)
 
 
 @NEEDS_CUDA

@@ -4,12 +4,17 @@
 // user error reads the same on every device.
 //
 // Each call takes the dense strategy (csrc/dense.h: cuBLAS GEMMs over the
-// first `width` rows, dead columns masked on the device) or the live-row
-// kernels, by the rule of csrc/strategy.h. The host never reads the mask:
-// `auto` decides from the caller's live-count hint, and without one takes
-// dense. The kernels compact the live rows on the device first and read the
-// list, so neither path waits for the GPU and both can be captured in a CUDA
-// graph whose replays follow in-place changes of `active`.
+// first `width` rows, dead columns masked on the device) or gather, by the
+// rule of csrc/strategy.h. The host never reads the mask: `auto` decides from
+// the caller's live count, and without one takes dense. Gather compacts the
+// live rows on the device first. With a live count from the host it then runs
+// cuBLAS on the packed live rows (csrc/packed.h); without one, the live-row
+// kernels of masked_linear_kernel.cu, which read the list on the device.
+// Nothing waits for the GPU. Under CUDA-graph capture the live count is set
+// aside (its shapes would be baked into the graph), so every captured path
+// follows in-place changes of `active` on replay. Where the live count shapes
+// the work (packed rows, or no masking when every row is live), the device
+// checks it against the mask and fails with a device-side assert.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -29,6 +34,7 @@
 
 #include "../checks.h"
 #include "../dense.h"
+#include "../packed.h"
 #include "../strategy.h"
 #include "masked_linear_kernel.cuh"
 
@@ -109,6 +115,49 @@ int64_t row_stride(const at::Tensor& m) {
   return m.size(0) > 1 ? m.stride(0) : m.size(1);
 }
 
+// The caller's live count, unless `stream` is capturing a CUDA graph: a
+// replay must follow the mask as it is then, not the count at capture.
+std::optional<int64_t> host_live_count(
+    const char* op,
+    std::optional<int64_t> live_count,
+    int64_t width,
+    cudaStream_t stream) {
+  if (!live_count.has_value()) {
+    return std::nullopt;
+  }
+  TORCH_CHECK(
+      *live_count >= 0 && *live_count <= width,
+      op, ": live_count must be in [0, ", width, "], got ", *live_count);
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status == cudaStreamCaptureStatusNone ? live_count : std::nullopt;
+}
+
+// Whether every row below `width` is live by the caller's count, which the
+// device then checks: dense needs no masking pass.
+bool all_live(
+    const at::Tensor& mask,
+    int64_t width,
+    std::optional<int64_t> live_count) {
+  if (!live_count.has_value() || *live_count != width) {
+    return false;
+  }
+  // A literal message: nothing is formatted on the success path.
+  at::_assert_async(
+      dense::leading_rows(mask, width).all(),
+      "growop: live_count equals width, but the mask has dead rows below width");
+  return true;
+}
+
+// The live rows as an int64 index, from the device's list (element 0 the
+// count) and the caller's count, which the device checks.
+at::Tensor packed_rows(const at::Tensor& list, int64_t live_count) {
+  at::_assert_async(
+      list.select(0, 0).eq(live_count),
+      "growop: live_count is not the number of live rows below width");
+  return list.narrow(0, 1, live_count).to(at::kLong);
+}
+
 const uint8_t* mask_bytes(const at::Tensor& active) {
   return reinterpret_cast<const uint8_t*>(active.const_data_ptr<bool>());
 }
@@ -178,16 +227,22 @@ at::Tensor masked_linear_cuda(
   at::Tensor out = result.view({batch, width});
   const double fill = dense::fill_value(weight.scalar_type(), mask_value);
   const at::Tensor bias = has_bias ? bias_opt->contiguous() : at::Tensor();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const std::optional<int64_t> known = host_live_count(op, live_count, width, stream);
   if (path == Path::kDense) {
-    dense::forward(x, weight, bias, mask, fill, /*mask_dead=*/true, out);
+    const bool mask_dead = !all_live(mask, width, known);
+    dense::forward(x, weight, bias, mask, fill, mask_dead, out);
     return result;
   }
 
   const at::Tensor w = as_rows(weight, in_features);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   k::ForwardParams params{};
   at::Tensor list;
   set_params_base(params, list, op, w, mask, batch, width, stream);
+  if (known.has_value()) {
+    packed::forward(x, w, bias, packed_rows(list, *known), fill, out);
+    return result;
+  }
   params.input = x.const_data_ptr();
   params.input_row_stride = row_stride(x);
   params.weight = w.const_data_ptr();
@@ -225,16 +280,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
   at::Tensor gi = output_mask[0] ? grad_input.view({batch, in_features}) : at::Tensor();
   at::Tensor gw = output_mask[1] ? grad_weight : at::Tensor();
   at::Tensor gb = output_mask[2] ? grad_bias : at::Tensor();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const std::optional<int64_t> known = host_live_count(op, live_count, width, stream);
   if (path == Path::kDense) {
-    dense::backward(g, x, weight, mask, /*mask_dead=*/true, gi, gw, gb);
+    const bool mask_dead = !all_live(mask, width, known);
+    dense::backward(g, x, weight, mask, mask_dead, gi, gw, gb);
     return {grad_input, grad_weight, grad_bias};
   }
 
   const at::Tensor w = as_rows(weight, in_features);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   k::BackwardParams params{};
   at::Tensor list;
   set_params_base(params, list, op, w, mask, batch, width, stream);
+  if (known.has_value()) {
+    packed::backward(g, x, w, packed_rows(list, *known), gi, gw, gb);
+    return {grad_input, grad_weight, grad_bias};
+  }
   params.grad_output = g.const_data_ptr();
   params.grad_output_row_stride = row_stride(g);
   params.input = x.const_data_ptr();
