@@ -12,10 +12,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import Parameter
 
-from growop import functional
+from growop import functional, ops
 from growop.rows import GrowRows, checked_int, default_capacity, resolved_capacity
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_ABSENT = object()
 
 
 class GrowLinear(GrowRows, nn.Linear):
@@ -114,9 +115,22 @@ class GrowLinear(GrowRows, nn.Linear):
             if self.static_shape:
                 return self._masked_linear(input, self.capacity, None)
             return _forward_with_dynamic_width(self, input)
-        # The live count lets auto choose a strategy without a device sync.
-        width = self.capacity if self.static_shape else self.out_features
-        return self._masked_linear(input, width, self._live_count)
+        # Eager: the row tensors straight from the module's own dicts, where
+        # nn.Module.__getattr__ would find them; three lookups through it cost about what a
+        # small head's GEMM does. A tensor that is not there (a parametrization, weight_norm)
+        # is read as an ordinary attribute. The live count lets auto choose a strategy
+        # without a device sync.
+        weight = self._parameters.get("weight")
+        if weight is None:
+            weight = self.weight
+        bias = self._parameters.get("bias", _ABSENT)
+        if bias is _ABSENT:
+            bias = self.bias
+        active = self._buffers.get("active")
+        if active is None:
+            active = self.active
+        width = weight.shape[0] if self.static_shape else self.out_features
+        return ops.masked_linear(input, weight, bias, active, width, self.mask_value, self._live_count)
 
     def _masked_linear(self, input: Tensor, width: int, live_count: int | None) -> Tensor:
         return functional.masked_linear(

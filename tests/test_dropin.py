@@ -13,7 +13,9 @@ import tempfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.nn.utils import prune
 
 import growop
@@ -300,6 +302,42 @@ def test_parametrized_weight_constrains_the_whole_capacity_and_refuses_to_grow()
     with pytest.raises(RuntimeError, match="parametrization"):
         layer.grow(1)
     assert layer.out_features == 2
+
+
+def test_forward_uses_the_weight_and_bias_that_tools_put_in_place():
+    """Eager forward reads the row tensors from the module's dicts for speed; where a tool
+    moved them (parametrizations, pruning, functional_call), it must use the tool's tensors."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+
+    def expected(layer):
+        return F.linear(x, layer.weight[:2], layer.bias[:2])
+
+    scaled = GrowLinear(6, 2, capacity=4)
+    nn.utils.parametrize.register_parametrization(scaled, "weight", _Scale(3.0))
+    nn.utils.parametrize.register_parametrization(scaled, "bias", _Scale(-2.0))
+    assert "weight" not in scaled._parameters
+    torch.testing.assert_close(scaled(x), expected(scaled))
+    torch.testing.assert_close(scaled.weight, 3.0 * scaled.parametrizations.weight.original)
+
+    pruned = GrowLinear(6, 2, capacity=4)
+    prune.l1_unstructured(pruned, "weight", amount=0.5)
+    torch.testing.assert_close(pruned(x), expected(pruned))
+    assert torch.count_nonzero(pruned.weight) == 12
+
+    plain = GrowLinear(6, 2, capacity=4)
+    swapped = {"weight": torch.randn(4, 6), "bias": torch.randn(4)}
+    out = functional_call(plain, swapped, (x,))
+    torch.testing.assert_close(out, F.linear(x, swapped["weight"][:2], swapped["bias"][:2]))
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, t):
+        return self.factor * t
 
 
 def test_pruning_amount_counts_dead_rows():
