@@ -36,6 +36,11 @@ constexpr double kCpuCrossover = 1.1;
 // multiple of 8, far more (cuBLAS on an unaligned row stride: 1.65x to 14x
 // there). Dense keeps the calls where at most 1 row in 6 below width is dead.
 constexpr double kCudaCrossover = 1.2;
+// R* on CUDA for the live-row kernels: the gather that runs without a live
+// count, which is what a CUDA graph captures. On the same H200 they cost 8x
+// to 11x of nn.Linear on the live rows (forward+backward), so dense keeps a
+// captured call up to width / live = 10.
+constexpr double kCudaKernelsCrossover = 10.0;
 // Below this many multiply-adds saved per call (dead rows x batch x
 // in_features) gather's fixed cost outweighs what it saves: a small head is
 // one dense GEMM (on the CPU gather costs a (128, 64 -> 12) call about twice
@@ -44,14 +49,16 @@ constexpr int64_t kMinSavedWork = int64_t{1} << 16;
 
 // `num_live`: the live rows among the first `width`, if known without a
 // device-to-host sync; without it `auto` takes dense. `row_work`: the
-// multiply-adds of one row, batch x in_features.
+// multiply-adds of one row, batch x in_features. `crossover_override`: the R*
+// to use instead of the device's (CUDA's while a graph is captured).
 inline Path choose_path(
     const char* op,
     std::string_view strategy,
     c10::DeviceType device,
     int64_t width,
     std::optional<int64_t> num_live,
-    int64_t row_work) {
+    int64_t row_work,
+    std::optional<double> crossover_override = std::nullopt) {
   if (strategy == "dense") {
     return Path::kDense;
   }
@@ -65,8 +72,8 @@ inline Path choose_path(
       (width - *num_live) * row_work < kMinSavedWork) {
     return Path::kDense;
   }
-  const double crossover =
-      device == c10::DeviceType::CUDA ? kCudaCrossover : kCpuCrossover;
+  const double crossover = crossover_override.value_or(
+      device == c10::DeviceType::CUDA ? kCudaCrossover : kCpuCrossover);
   return static_cast<double>(width) > crossover * static_cast<double>(*num_live)
       ? Path::kGather
       : Path::kDense;

@@ -115,22 +115,33 @@ int64_t row_stride(const at::Tensor& m) {
   return m.size(0) > 1 ? m.stride(0) : m.size(1);
 }
 
-// The caller's live count, unless `stream` is capturing a CUDA graph: a
-// replay must follow the mask as it is then, not the count at capture.
-std::optional<int64_t> host_live_count(
+// How a call runs: its path, and the live count it may rely on. While
+// `stream` captures a CUDA graph the caller's count is set aside (a replay
+// must follow the mask as it is then, not the count at capture), so gather
+// would run the live-row kernels, and auto weighs those against dense with
+// their own crossover.
+struct Plan {
+  Path path;
+  std::optional<int64_t> known;
+};
+
+Plan plan_call(
     const char* op,
-    std::optional<int64_t> live_count,
+    std::string_view strategy,
     int64_t width,
+    std::optional<int64_t> live_count,
+    int64_t row_work,
     cudaStream_t stream) {
-  if (!live_count.has_value()) {
-    return std::nullopt;
-  }
   TORCH_CHECK(
-      *live_count >= 0 && *live_count <= width,
+      !live_count.has_value() || (*live_count >= 0 && *live_count <= width),
       op, ": live_count must be in [0, ", width, "], got ", *live_count);
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  return status == cudaStreamCaptureStatusNone ? live_count : std::nullopt;
+  const bool capturing = status != cudaStreamCaptureStatusNone;
+  const Path path = choose_path(
+      op, strategy, c10::DeviceType::CUDA, width, live_count, row_work,
+      capturing ? kCudaKernelsCrossover : kCudaCrossover);
+  return {path, capturing ? std::nullopt : live_count};
 }
 
 // Whether every row below `width` is live by the caller's count, which the
@@ -217,8 +228,9 @@ at::Tensor masked_linear_cuda(
   const at::Tensor x = as_rows(input, in_features);
   const at::Tensor mask = active.contiguous();
   const int64_t batch = x.size(0);
-  const Path path = choose_path(
-      op, strategy, c10::DeviceType::CUDA, width, live_count, batch * in_features);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto [path, known] =
+      plan_call(op, strategy, width, live_count, batch * in_features, stream);
   // Allocated in its final shape: an operator must not return a view.
   at::Tensor result = at::empty(checks::with_last_dim(input.sizes(), width), x.options());
   if (batch == 0 || width == 0) {
@@ -227,8 +239,6 @@ at::Tensor masked_linear_cuda(
   at::Tensor out = result.view({batch, width});
   const double fill = dense::fill_value(weight.scalar_type(), mask_value);
   const at::Tensor bias = has_bias ? bias_opt->contiguous() : at::Tensor();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const std::optional<int64_t> known = host_live_count(op, live_count, width, stream);
   if (path == Path::kDense) {
     const bool mask_dead = !all_live(mask, width, known);
     dense::forward(x, weight, bias, mask, fill, mask_dead, out);
@@ -273,15 +283,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
   const at::Tensor x = as_rows(input, in_features);
   const at::Tensor mask = active.contiguous();
   const int64_t batch = x.size(0);
-  const Path path = choose_path(
-      op, strategy, c10::DeviceType::CUDA, width, live_count, batch * in_features);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto [path, known] =
+      plan_call(op, strategy, width, live_count, batch * in_features, stream);
   auto [grad_input, grad_weight, grad_bias] =
       dense::backward_outputs(input, weight, output_mask);
   at::Tensor gi = output_mask[0] ? grad_input.view({batch, in_features}) : at::Tensor();
   at::Tensor gw = output_mask[1] ? grad_weight : at::Tensor();
   at::Tensor gb = output_mask[2] ? grad_bias : at::Tensor();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const std::optional<int64_t> known = host_live_count(op, live_count, width, stream);
   if (path == Path::kDense) {
     const bool mask_dead = !all_live(mask, width, known);
     dense::backward(g, x, weight, mask, mask_dead, gi, gw, gb);
