@@ -105,18 +105,30 @@ class RowSet:
 
     # ------------------------------------------------------------------ operations
 
-    def grow(self, k: int, init: RowInit, optimizer, allow_reallocation: bool) -> range:
-        k = checked_int(k, "grow: k", 1)
+    def _checked_growth(self, rows_needed: int, optimizer, allow_reallocation: bool) -> list[Tensor]:
+        """The members' Parameters, after the checks any growth to ``rows_needed`` rows in
+        use passes (storage grown past capacity included); raises before anything changes."""
         params = self.params()
         distributed.check_not_flattened(params)
         optim.check_holds(optimizer, params)
-        start, stop = self.used, self.used + k
-        if stop > self.capacity:
+        if rows_needed > self.capacity:
             reason = distributed.reallocation_error(
-                self.capacity, stop, params, bool(allow_reallocation)
+                self.capacity, rows_needed, params, bool(allow_reallocation)
             )
             if reason is not None:
                 raise RuntimeError(reason)
+        return params
+
+    def reserve(self, capacity: int, optimizer, allow_reallocation: bool) -> None:
+        capacity = checked_int(capacity, "reserve: capacity", 1)
+        self._checked_growth(capacity, optimizer, allow_reallocation)
+        if capacity > self.capacity:
+            self.reallocate(capacity, optimizer)
+
+    def grow(self, k: int, init: RowInit, optimizer, allow_reallocation: bool) -> range:
+        k = checked_int(k, "grow: k", 1)
+        start, stop = self.used, self.used + k
+        params = self._checked_growth(stop, optimizer, allow_reallocation)
         # Within capacity, a built-in init writes straight into the unused slots
         # [start, stop): nothing is allocated, and nothing that can fail comes after the
         # write (the slots are not live until the mask below says so). Otherwise every
@@ -428,6 +440,25 @@ class GrowRows(nn.Module):
         After an error nothing has changed.
         """
         return self._rows.grow(k, init, optimizer, allow_reallocation)
+
+    def reserve(
+        self,
+        capacity: int,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        allow_reallocation: bool = False,
+    ) -> None:
+        """Makes room for ``capacity`` rows now, so that the grows to come allocate nothing.
+
+        At or below the current capacity it does nothing. Above it, the storage is
+        reallocated once to exactly ``capacity`` rows, as a grow past capacity reallocates:
+        the Parameter objects stay the same, old rows bit-exact, no row becomes live, and with
+        ``optimizer=`` its per-row state grows with them. Layers joined by
+        :func:`growop.grow_together` or :func:`growop.tie` are reallocated together. The
+        checks are ``grow``'s: under ``torch.distributed`` with more than one process it
+        raises unless ``allow_reallocation=True``. After an error nothing has changed.
+        """
+        self._rows.reserve(capacity, optimizer, allow_reallocation)
 
     def deactivate(self, rows: Rows, *, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Masks existing rows (slots in use): their outputs become masked.

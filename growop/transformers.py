@@ -145,8 +145,7 @@ def resize_token_embeddings(
     if pad_to_multiple_of is not None:
         multiple = checked_int(pad_to_multiple_of, f"{_RESIZE}: pad_to_multiple_of", 1)
         capacity = math.ceil(capacity / multiple) * multiple
-    if capacity > embedding.capacity:
-        _reserve(embedding, capacity, optimizer)
+    embedding.reserve(capacity, optimizer=optimizer)
     if new > live:
         rows = embedding.grow(new - live, init="mean" if mean_resizing else "zeros", optimizer=optimizer)
         if not mean_resizing:
@@ -226,17 +225,6 @@ def _tied_head(head: nn.Linear, embedding: GrowEmbedding, static_shape: bool) ->
             grow_head.bias[head.out_features :].zero_()
     growop.tie(embedding, grow_head)
     return grow_head
-
-
-def _reserve(embedding: GrowEmbedding, capacity: int, optimizer) -> None:
-    """Reallocates the embedding's row set (and so the head's) to exactly ``capacity`` rows."""
-    rows = embedding._rows
-    params = rows.params()
-    optim.check_holds(optimizer, params)
-    reason = distributed.reallocation_error(rows.capacity, capacity, params, False)
-    if reason is not None:
-        raise RuntimeError(reason)
-    rows.reallocate(capacity, optimizer)
 
 
 def _sync_vocab_size(model: PreTrainedModel) -> None:

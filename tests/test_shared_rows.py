@@ -219,3 +219,39 @@ def test_grow_mean_in_place_skips_masked_rows():
     layer.deactivate([3])
     layer.grow(2, init="mean")
     torch.testing.assert_close(layer.weight[4:6], torch.full((2, 8), 1.0))  # mean of rows 0-2
+
+
+def test_reserve_makes_room_ahead_and_keeps_everything_else():
+    """reserve(capacity): one reallocation now, to exactly that many rows, for every joined
+    layer; Parameters, old rows, live rows and the optimizer's state kept; the grows that
+    follow allocate nothing; at or below the capacity it does nothing."""
+    torch.manual_seed(0)
+    head = growop.GrowLinear(4, 3, capacity=4)
+    other = growop.GrowLinear(5, 3, capacity=4, bias=False)
+    growop.grow_together(head, other)
+    opt = torch.optim.Adam([*head.parameters(), *other.parameters()], lr=0.1)
+    head(torch.randn(2, 4)).sum().backward()
+    other(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    weight, before = head.weight, head.weight.detach().clone()
+    exp_avg = opt.state[head.weight]["exp_avg"].clone()
+
+    head.reserve(10, optimizer=opt)
+    assert head.capacity == other.capacity == 10 and head.weight is weight
+    assert head.out_features == other.out_features == 3
+    assert torch.equal(head.weight[:4], before) and torch.equal(head.weight[4:], torch.zeros(6, 4))
+    assert head.active.tolist() == [True] * 3 + [False] * 7
+    assert torch.equal(opt.state[head.weight]["exp_avg"][:4], exp_avg)
+    assert opt.state[head.weight]["exp_avg"].shape == (10, 4)
+
+    pointer = head.weight.data_ptr()
+    head.grow(7, optimizer=opt)
+    assert head.weight.data_ptr() == pointer and head.capacity == 10  # within the reserve
+    head.reserve(8)
+    head.reserve(10)
+    assert head.capacity == 10 and head.weight.data_ptr() == pointer
+
+    for bad in (0, -1, 2.5, "10"):
+        with pytest.raises((TypeError, ValueError), match="reserve: capacity"):
+            head.reserve(bad)
+    assert head.capacity == 10
