@@ -371,10 +371,16 @@ PyMethodDef methods[] = {
 
 }  // namespace
 
-// Lets setup.py build this as the importable module growop._C; importing it
+// The importable module, named as the build names it (TORCH_EXTENSION_NAME:
+// _C from setup.py as growop._C, growop_C from the JIT build); importing it
 // runs the static registrations above.
-extern "C" PyObject* PyInit__C(void) {
+#define GROWOP_CONCAT_(a, b) a##b
+#define GROWOP_CONCAT(a, b) GROWOP_CONCAT_(a, b)
+#define GROWOP_STRING_(a) #a
+#define GROWOP_STRING(a) GROWOP_STRING_(a)
+
+extern "C" PyObject* GROWOP_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+      PyModuleDef_HEAD_INIT, GROWOP_STRING(TORCH_EXTENSION_NAME), nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import types
 import warnings
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def _jit_cuda_archs():
         os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
 
 
-def _jit_build() -> None:
+def _jit_build() -> types.ModuleType:
     from torch.utils import cpp_extension
 
     with_cuda = builds_cuda()
@@ -144,24 +145,23 @@ def _jit_build() -> None:
     if problem is not None:
         raise ImportError(problem)
     with _jit_cuda_archs() if with_cuda else contextlib.nullcontext():
-        cpp_extension.load(
+        return cpp_extension.load(
             name="growop_C",
             sources=[str(path) for path in sources],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3"] if with_cuda else None,
             with_cuda=with_cuda,
-            is_python_module=False,
+            is_python_module=True,
             verbose=os.environ.get("GROWOP_VERBOSE_BUILD") == "1",
         )
 
 
-def load() -> str:
-    """Registers the operators; returns how: ``"prebuilt"`` or ``"jit"``."""
+def load() -> tuple[str, types.ModuleType]:
+    """Registers the operators; returns how (``"prebuilt"`` or ``"jit"``) and the extension
+    module, whose ``masked_linear`` is the op's direct binding for eager calls."""
     if os.environ.get("GROWOP_FORCE_JIT") != "1":
         try:
-            importlib.import_module("growop._C")
-            return "prebuilt"
+            return "prebuilt", importlib.import_module("growop._C")
         except ImportError:
             pass
-    _jit_build()
-    return "jit"
+    return "jit", _jit_build()

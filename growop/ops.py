@@ -17,7 +17,6 @@ picks per call by the rule in ``csrc/strategy.h``. The environment variable
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 from collections.abc import Iterator
 
@@ -26,14 +25,12 @@ from torch import Tensor
 
 from growop import _extension
 
-BUILD = _extension.load()
+BUILD, _module = _extension.load()
 
 _ops = torch.ops.growop
 _masked_linear_op = _ops.masked_linear.default
-# The prebuilt module's direct binding of the same op (the JIT build loads as a plain library).
-_masked_linear_binding = (
-    importlib.import_module("growop._C").masked_linear if BUILD == "prebuilt" else None
-)
+# The extension module's direct binding of the same op, from either build.
+_masked_linear_binding = _module.masked_linear
 
 STRATEGIES = ("auto", "dense", "gather")
 
@@ -88,7 +85,7 @@ def masked_linear(
     """
     # Eager calls with plain tensors take the direct binding; tracing, tensor subclasses and
     # torch-function modes (the binding answers NotImplemented) take the op's Python face.
-    if _masked_linear_binding is not None and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():
         out = _masked_linear_binding(input, weight, bias, active, width, mask_value, _strategy, live_count)
         if out is not NotImplemented:
             return out

@@ -43,6 +43,9 @@ def test_jit_build_works_without_the_prebuilt_module():
     result = run_python(
         "import torch, growop\n"
         "assert growop.ops.BUILD == 'jit', growop.ops.BUILD\n"
+        "w0 = torch.randn(4, 3); a0 = torch.tensor([True, False, True, True])\n"
+        "d = growop.ops._masked_linear_binding(torch.ones(2, 3), w0, None, a0, 4, None, 'auto', None)\n"
+        "assert torch.equal(d, torch.ops.growop.masked_linear.default(torch.ones(2, 3), w0, None, a0, 4))\n"
         "w = torch.randn(4, 3); a = torch.tensor([True, False, True, True])\n"
         "print(growop.masked_linear(torch.ones(2, 3), w, active=a).shape)",
         GROWOP_FORCE_JIT="1",
