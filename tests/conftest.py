@@ -72,7 +72,7 @@ def make_mask(kind: str, capacity: int, generator: torch.Generator) -> torch.Ten
     elif kind == "random":  # short runs only: every live row is gathered
         active = torch.rand(capacity, generator=generator) < 0.5
     elif kind == "dense":  # short runs, dense enough for whole-span weight gradients
-        active = torch.rand(capacity, generator=generator) < 0.9
+        active = torch.rand(capacity, generator=generator) < 0.96
     elif kind == "mixed":  # long runs used in place plus fragments, several gather chunks
         active[:100] = True
         active[150:650] = torch.rand(500, generator=generator) < 0.6
