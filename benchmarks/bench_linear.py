@@ -315,6 +315,9 @@ def main(argv=None) -> None:
                         help="--device cuda only")
     parser.add_argument("--masks", nargs="+", choices=list(CUDA_MASKS), default=list(CUDA_MASKS),
                         help="--device cuda only")
+    parser.add_argument("--profile", action="store_true",
+                        help="--device cuda only: instead of the table, where each forward+backward's "
+                             "GPU time goes, kernel by kernel (torch.profiler), for --dtypes x --masks")
     args = parser.parse_args(argv)
     if args.csv is None:
         args.csv = "benchmarks/bench_linear_cuda.csv" if args.device == "cuda" else "benchmarks/bench_linear.csv"
@@ -409,6 +412,20 @@ def cuda_timings(fns: dict, warmup: int, repeats: int) -> dict[str, Timing]:
     return {name: summarize([s.elapsed_time(e) / 1e3 for s, e in pairs]) for name, pairs in events.items()}
 
 
+def host_timings(fns: dict, warmup: int, repeats: int) -> dict[str, Timing]:
+    """:func:`cuda_timings` with the host clock, for the CUDA table's code on another device."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: summarize(s) for name, s in samples.items()}
+
+
 def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
     return ((got.double() - exact).norm() / exact.norm()).item()
 
@@ -422,7 +439,23 @@ def spread_mask(live: int, capacity: int, generator: torch.Generator) -> torch.T
     return active
 
 
-def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen, device="cuda") -> dict:
+@dataclass
+class CudaCase:
+    """One layer of the CUDA table, its baseline and inputs (see :func:`cuda_case`)."""
+
+    layer: growop.GrowLinear
+    baseline: torch.nn.Linear
+    live_rows: torch.Tensor
+    out_features: int
+    capacity: int
+    x: torch.Tensor
+    grad_growop: torch.Tensor
+    grad_live: torch.Tensor
+
+
+def cuda_case(dtype_name: str, mask: str, gen, device) -> CudaCase:
+    """The CUDA_CASE layer with `mask`'s live rows (its host-side live count set to match),
+    nn.Linear holding those rows, an input that asks for its gradient, and grad_outputs."""
     batch, in_features, live = CUDA_CASE
     capacity, layout = CUDA_MASKS[mask]
     dtype, device = CUDA_DTYPES[dtype_name], torch.device(device)
@@ -439,19 +472,31 @@ def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen, 
         layer.active.copy_(active)
     layer._live_count = live  # the mask was set directly: the host-side count to match
     live_rows = layer.active.nonzero().squeeze(1)
-    weight, bias = layer.weight, layer.bias
     baseline = torch.nn.Linear(in_features, live, device=device, dtype=dtype)
     with torch.no_grad():
-        baseline.weight.copy_(weight[live_rows])
-        baseline.bias.copy_(bias[live_rows])
+        baseline.weight.copy_(layer.weight[live_rows])
+        baseline.bias.copy_(layer.bias[live_rows])
     # The input asks for its gradient, as a head's input does inside a network: forward+
     # backward is three GEMMs.
     x = torch.randn(batch, in_features, device=device, dtype=dtype, requires_grad=True)
     grad_growop = torch.randn(batch, out_features, device=device, dtype=dtype)
     grad_live = grad_growop[:, live_rows].contiguous()
+    return CudaCase(layer, baseline, live_rows, out_features, capacity, x, grad_growop, grad_live)
+
+
+def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen, device="cuda") -> dict:
+    """One row of the CUDA table. On another device (a smoke test of this code) the same
+    providers are timed with the host clock."""
+    case = cuda_case(dtype_name, mask, gen, device)
+    layer, baseline, live_rows, x = case.layer, case.baseline, case.live_rows, case.x
+    grad_growop, grad_live, out_features, capacity = case.grad_growop, case.grad_live, case.out_features, case.capacity
+    batch, in_features, live = CUDA_CASE
+    dtype = CUDA_DTYPES[dtype_name]
+    weight, bias = layer.weight, layer.bias
+    layout = CUDA_MASKS[mask][1]
     # static_shape only where the capacity is the case's 40000: its output is capacity wide.
     static = capacity == CUDA_CAPACITY
-    grad_static = torch.randn(batch, capacity, device=device, dtype=dtype) if static else None
+    grad_static = torch.randn(batch, capacity, device=x.device, dtype=dtype) if static else None
 
     def kernels():  # gather without a live count: the live-row kernels
         with growop.strategy("gather"):
@@ -493,9 +538,10 @@ def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen, 
     }
     if not static:
         del forward_fns["static"], both_fns["static"]
+    timings = cuda_timings if x.device.type == "cuda" else host_timings
     with torch.no_grad():
-        forward = cuda_timings(forward_fns, warmup, repeats)
-    both = cuda_timings(both_fns, warmup, repeats)
+        forward = timings(forward_fns, warmup, repeats)
+    both = timings(both_fns, warmup, repeats)
     torch.backends.cuda.matmul.allow_tf32 = False
     flops = 2 * batch * in_features * live
     base_fwd, base_both = forward["linear"].median, both["linear"].median
@@ -512,10 +558,50 @@ def bench_cuda_case(dtype_name: str, mask: str, warmup: int, repeats: int, gen, 
         row[f"fb_{provider}_ms"], row[f"fb_{provider}_ratio"] = fb, fb / base_both
     for provider, ratio in errors.items():
         row[f"err_{provider}_x"] = ratio
-    del layer, baseline, x, grad_growop, grad_live, grad_static, forward_fns, both_fns
+    del case, layer, baseline, x, grad_growop, grad_live, grad_static, forward_fns, both_fns
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return row
+
+
+def profile_cuda_case(dtype_name: str, mask: str, gen, device="cuda", steps: int = 3,
+                      static_shape: bool = False) -> str:
+    """Where GrowLinear's forward+backward (under auto) spends its time, kernel by kernel,
+    beside nn.Linear's on the live rows: a torch.profiler table per provider, sorted by device
+    time, over `steps` steps after a warm-up. Returns the tables as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case = cuda_case(dtype_name, mask, gen, device)
+    layer, x = case.layer, case.x
+    layer.static_shape = static_shape
+    grad = (torch.randn(x.shape[0], case.capacity, device=x.device, dtype=x.dtype)
+            if static_shape else case.grad_growop)
+    on_gpu = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    sort_by = "device_time_total" if on_gpu else "cpu_time_total"
+    sections = []
+    for name, step in (
+        ("nn.Linear", training_step(lambda: case.baseline(x), case.grad_live,
+                                    [*case.baseline.parameters(), x])),
+        ("GrowLinear", training_step(lambda: layer(x), grad, [layer.weight, layer.bias, x])),
+    ):
+        step()
+        if on_gpu:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            if on_gpu:
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by=sort_by, row_limit=14, max_name_column_width=60)
+        sections.append(f"--- {name}, {dtype_name} {mask}{' static_shape' if static_shape else ''}, "
+                        f"{steps} steps of forward+backward\n{table}")
+    del case, layer, x, grad
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return "\n".join(sections)
 
 
 def cuda_crossover(rows: list[dict]) -> None:
@@ -533,25 +619,30 @@ def cuda_crossover(rows: list[dict]) -> None:
               f"gather {row['fb_gather_ratio']:5.2f}x, kernels {row['fb_kernels_ratio']:5.2f}x -> R* ~ {estimate:4.2f}")
 
 
-def bench_cuda_grow(repeats: int) -> dict:
+def bench_cuda_grow(repeats: int, device="cuda") -> dict:
     """grow(1) within capacity against a new nn.Linear with the rows copied, on the GPU,
     host clock around each call with the device synchronised (what a training loop waits)."""
     in_features, live = CUDA_CASE[1], CUDA_CASE[2]
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    device, dtype = torch.device(device), torch.bfloat16
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     layer = growop.GrowLinear(in_features, live, capacity=CUDA_CAPACITY, device=device, dtype=dtype)
     linear = torch.nn.Linear(in_features, live, device=device, dtype=dtype)
     layer.grow(1)
     add_output_nodes(linear, 1)  # warm-up
     grow_times, copy_times = [], []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         layer.grow(1)
-        torch.cuda.synchronize()
+        synchronize()
         grow_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         grown = add_output_nodes(linear, 1)
-        torch.cuda.synchronize()
+        synchronize()
         copy_times.append(time.perf_counter() - start)
         del grown
     grow_ms, copy_ms = summarize(grow_times).median, summarize(copy_times).median
@@ -571,6 +662,13 @@ def main_cuda(args) -> None:
               + " ".join(f"{'fwd ' + s:>12}" for s in (*CUDA_PROVIDERS, "slice")) + " "
               + " ".join(f"{'f+b ' + s:>12}" for s in (*CUDA_PROVIDERS, "slice"))
               + " " + " ".join(f"{'err x ' + s:>14}" for s in ("auto", "gather", "kernels")))
+    if args.profile:
+        for dtype_name in args.dtypes:
+            for mask in args.masks:
+                print(profile_cuda_case(dtype_name, mask, gen), flush=True)
+                if CUDA_MASKS[mask][0] == CUDA_CAPACITY:
+                    print(profile_cuda_case(dtype_name, mask, gen, static_shape=True), flush=True)
+        return
     print(header)
     rows = []
     for dtype_name in args.dtypes:

@@ -12,12 +12,16 @@
 #      tests/test_cuda_graphs.py, and the CUDA parts of the other files);
 #   4. benchmark: python benchmarks/bench_linear.py --device cuda (a row per strategy and
 #      mask, bf16 and TF32, the dense/gather crossover R* on this GPU, grow latency);
-#   5. the main job: python -m growop.demo --device cuda --quick;
-#   6. compute-sanitizer memcheck over the gather kernels' odd-size and fragmented-mask
+#   5. profile: where forward+backward's GPU time goes, kernel by kernel, in bf16 at 50%
+#      fragmented and at the prefix mask (with and without static_shape), beside nn.Linear
+#      (bench_linear.py --device cuda --profile; log only);
+#   6. the main job: python -m growop.demo --device cuda --quick;
+#   7. compute-sanitizer memcheck over the gather kernels' odd-size and fragmented-mask
 #      tests, where compute-sanitizer exists and time is left;
-#   7. a summary table, last.
+#   8. a summary table, last.
 #
-# CHECK_STEPS names the steps after the build to run (default "tests bench demo memcheck"),
+# CHECK_STEPS names the steps after the build to run (default
+# "tests bench profile demo memcheck"),
 # CHECK_SECONDS the run's budget (default 400; give the call a timeout of about 420). A
 # compiler in CXX without a shared libstdc++ is swapped for /usr/bin/g++ (setup.py
 # refuses it).
@@ -39,7 +43,7 @@ DEADLINE=$((START + ${CHECK_SECONDS:-400}))
 STATUS=0
 SUMMARY=()
 # The steps after the build, by name (a rerun may take fewer).
-STEPS=${CHECK_STEPS:-"tests bench demo memcheck"}
+STEPS=${CHECK_STEPS:-"tests bench profile demo memcheck"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 step() { echo; echo "=== $* [$(($(date +%s) - START)) s]"; }
@@ -180,7 +184,18 @@ if [[ "$BUILT" == 1 ]] && want bench; then
   fi
 fi
 
-if [[ "$BUILT" == 1 ]] && want demo; then  step "main job: python -m growop.demo --device cuda --quick"
+if [[ "$BUILT" == 1 ]] && want profile; then
+  step "profile: bench_linear.py --device cuda --profile"
+  if timeout "$(budget 30)" "$PY" benchmarks/bench_linear.py --device cuda --profile --dtypes bf16 \
+      --masks fragmented50 prefix >"$LOGS/profile.log" 2>&1; then
+    record profile "ok (kernel tables: $LOGS/profile.log)"
+  else
+    record profile "failed or out of time (see $LOGS/profile.log)"
+  fi
+fi
+
+if [[ "$BUILT" == 1 ]] && want demo; then
+  step "main job: python -m growop.demo --device cuda --quick"
   if timeout "$(budget 30)" "$PY" -m growop.demo --device cuda --quick --out "$(mktemp -d)" \
       >"$LOGS/demo.log" 2>&1; then
     record demo "ok: $(grep -iE "accuracy|acc" "$LOGS/demo.log" | tail -1)"

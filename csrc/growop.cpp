@@ -26,6 +26,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "packed.h"
+
 TORCH_LIBRARY(growop, m) {
   // out[..., j] = input @ weight[j] + bias[j] where active[j], else mask_value,
   // for j < width. mask_value None means the lowest finite value of the dtype.
@@ -364,9 +366,86 @@ PyObject* masked_linear_binding(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// growop._C._packed_linear(input, weight, bias, active, width, live_count,
+// fill) and _packed_linear_backward(grad_output, input, weight, active,
+// live_count, need_input, need_weight, need_bias): the packed-rows gather
+// that CUDA runs (packed.h), on 2-D tensors of any device, so its arithmetic
+// is tested where no GPU is. Not an API: no checks beyond ATen's own.
+PyObject* packed_linear_binding(PyObject* /*module*/, PyObject* args) {
+  PyObject* input = nullptr;
+  PyObject* weight = nullptr;
+  PyObject* bias = nullptr;
+  PyObject* active = nullptr;
+  long long width = 0;
+  long long live_count = 0;
+  double fill = 0;
+  if (!PyArg_ParseTuple(
+          args, "OOOOLLd", &input, &weight, &bias, &active, &width, &live_count, &fill)) {
+    return nullptr;
+  }
+  HANDLE_TH_ERRORS
+  const at::Tensor x = THPVariable_Unpack(input);
+  const at::Tensor w = THPVariable_Unpack(weight);
+  const at::Tensor b = bias == Py_None ? at::Tensor() : THPVariable_Unpack(bias);
+  const at::Tensor mask = THPVariable_Unpack(active);
+  at::Tensor out = at::empty({x.size(0), width}, x.options());
+  {
+    pybind11::gil_scoped_release no_gil;
+    growop::packed::forward(x, w, b, growop::packed::layout(mask, width, live_count), fill, out);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* packed_linear_backward_binding(PyObject* /*module*/, PyObject* args) {
+  PyObject* grad_output = nullptr;
+  PyObject* input = nullptr;
+  PyObject* weight = nullptr;
+  PyObject* active = nullptr;
+  long long live_count = 0;
+  int need_input = 0;
+  int need_weight = 0;
+  int need_bias = 0;
+  if (!PyArg_ParseTuple(
+          args, "OOOOLppp", &grad_output, &input, &weight, &active, &live_count,
+          &need_input, &need_weight, &need_bias)) {
+    return nullptr;
+  }
+  HANDLE_TH_ERRORS
+  const at::Tensor g = THPVariable_Unpack(grad_output);
+  const at::Tensor x = THPVariable_Unpack(input);
+  const at::Tensor w = THPVariable_Unpack(weight);
+  const at::Tensor mask = THPVariable_Unpack(active);
+  auto [gi, gw, gb] = growop::dense::backward_outputs(
+      x, w, {need_input != 0, need_weight != 0, need_bias != 0});
+  {
+    pybind11::gil_scoped_release no_gil;
+    at::Tensor gi_or_none = need_input ? gi : at::Tensor();
+    at::Tensor gw_or_none = need_weight ? gw : at::Tensor();
+    at::Tensor gb_or_none = need_bias ? gb : at::Tensor();
+    growop::packed::backward(
+        g, x, w, growop::packed::layout(mask, g.size(1), live_count), gi_or_none,
+        gw_or_none, gb_or_none);
+  }
+  PyObject* grads = PyTuple_New(3);
+  if (grads == nullptr) {
+    return nullptr;
+  }
+  // PyTuple_SET_ITEM steals the new references THPVariable_Wrap returns.
+  PyTuple_SET_ITEM(grads, 0, THPVariable_Wrap(std::move(gi)));
+  PyTuple_SET_ITEM(grads, 1, THPVariable_Wrap(std::move(gw)));
+  PyTuple_SET_ITEM(grads, 2, THPVariable_Wrap(std::move(gb)));
+  return grads;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"masked_linear", masked_linear_binding, METH_VARARGS,
      "torch.ops.growop.masked_linear.default for plain tensors, in eager mode"},
+    {"_packed_linear", packed_linear_binding, METH_VARARGS,
+     "CUDA's packed-rows gather forward on any device, for tests"},
+    {"_packed_linear_backward", packed_linear_backward_binding, METH_VARARGS,
+     "CUDA's packed-rows gather backward on any device, for tests"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,60 +1,139 @@
 // The gather strategy as library GEMMs over packed live rows: the live rows
-// of the weight copied into one dense block (index_select), the products done
-// by the device's GEMM library on that block, and the results scattered back
-// into the masked layout. It does only the live rows' arithmetic, at the
-// library's speed, for the price of a few passes over memory: the packed
-// weight (live x in), and the output or grad_output columns of the live rows.
+// of the weight copied into one dense block, the products done by the
+// device's GEMM library on that block, and the results spread back into the
+// masked layout. It does only the live rows' arithmetic, at the library's
+// speed, for the price of a few passes over memory, each one gather that
+// writes its output once: the packed weight (live x in), the output
+// (batch x width), and in the backward the live columns of grad_output and
+// the weight gradient's rows.
 //
-// The caller supplies `rows`, the live rows among the first `width` as an
-// int64 index tensor on the device, so its length, the live count, must be
-// known on the host without a sync: CUDA's glue builds it from the device's
-// compacted list and the caller's live_count, checking that count on the
-// device (csrc/cuda/masked_linear_cuda.cpp). ATen ops only: no device code.
+// ATen ops only, no device code and no host sync: the same code runs on any
+// device (CUDA's glue calls it; the extension module's _packed_linear
+// bindings run it on the CPU for tests). The live count must be known on the
+// host, since it sizes the packed block; the device checks it against the
+// mask (a wrong count is an error on the CPU and a device-side assert on CUDA,
+// never a wrong result).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cstdint>
+
+#include "dense.h"
+
 namespace growop::packed {
 
-// out (batch, width): x @ weight[rows]^T + bias[rows] in the columns `rows`,
+// Where each row below `width` goes in the packed block.
+struct Layout {
+  int64_t live = 0;  // the live rows below width, the caller's count
+  at::Tensor rows;   // (live,) int64: the live rows, ascending
+  // (width,) int64: row j's column in the packed block if row j is live, else
+  // `live`: the packed block's one extra column (or row), which holds the
+  // dead rows' value.
+  at::Tensor slots;
+};
+
+// The layout of `active`'s first `width` rows, with `live` of them live (the
+// device checks it).
+inline Layout layout(const at::Tensor& active, int64_t width, int64_t live) {
+  const at::Tensor mask = dense::leading_rows(active, width);
+  const at::Tensor counted = mask.cumsum(0);  // live rows up to and including j (int64)
+  if (width > 0) {
+    // A literal message: nothing is formatted on the success path.
+    at::_assert_async(
+        counted.select(0, width - 1).eq(live),
+        "growop: live_count is not the number of live rows below width");
+  }
+  // A live row's place among the live rows; a dead row's place after them is
+  // `live` plus the dead rows before it, index - counted.
+  const at::Tensor live_place = counted - 1;
+  const at::Tensor index = at::arange(width, counted.options());
+  // A permutation, so the scatter writes each place once (deterministic).
+  const at::Tensor place = at::where(mask, live_place, index - counted + live);
+  at::Tensor order = at::empty({width}, counted.options()).scatter_(0, place, index);
+  return {live, order.narrow(0, 0, live), at::where(mask, live_place, live)};
+}
+
+// Columns of a packed (batch, n) block with its row stride padded to 128
+// bytes: cuBLAS runs its fastest kernels only on 16-byte-aligned strides.
+inline int64_t padded_columns(int64_t n, const at::Tensor& like) {
+  const int64_t step = std::max<int64_t>(1, 128 / like.element_size());
+  return (n + step - 1) / step * step;
+}
+
+// out (batch, width): x @ weight[rows]^T + bias[rows] in the live columns,
 // `fill` in every other column.
 inline void forward(
     const at::Tensor& x,
     const at::Tensor& weight,
     const at::Tensor& bias,
-    const at::Tensor& rows,
+    const Layout& layout,
     double fill,
     at::Tensor& out) {
-  const at::Tensor w = weight.index_select(0, rows);
-  const at::Tensor y = bias.defined()
-      ? at::addmm(bias.index_select(0, rows), x, w.t())
-      : at::mm(x, w.t());
-  out.fill_(fill);
-  out.index_copy_(1, rows, y);
+  const int64_t live = layout.live;
+  // One spare row past the live ones, zero, gives the product one spare
+  // column, which then takes `fill`; more spare rows pad the row stride.
+  const int64_t rows = padded_columns(live + 1, x);
+  at::Tensor w = at::empty({rows, weight.size(1)}, weight.options());
+  at::Tensor w_live = w.narrow(0, 0, live);
+  at::index_select_out(w_live, weight, 0, layout.rows);
+  w.narrow(0, live, rows - live).zero_();
+  at::Tensor y;  // (batch, rows), contiguous
+  if (bias.defined()) {
+    at::Tensor b = at::zeros({rows}, bias.options());
+    at::Tensor b_live = b.narrow(0, 0, live);
+    at::index_select_out(b_live, bias, 0, layout.rows);
+    y = at::addmm(b, x, w.t());
+  } else {
+    y = at::mm(x, w.t());
+  }
+  y.select(1, live).fill_(fill);  // not 0 * x: fill holds even where x is inf or NaN
+  at::index_select_out(out, y, 1, layout.slots);
 }
 
 // The gradients of `forward` for grad_output g (batch, width), each written
 // where it is defined: grad_input (batch, in), grad_weight (capacity, in) and
-// grad_bias (capacity,), the last two zero outside `rows`.
+// grad_bias (capacity,), the last two zero outside the live rows.
 inline void backward(
     const at::Tensor& g,
     const at::Tensor& x,
     const at::Tensor& weight,
-    const at::Tensor& rows,
+    const Layout& layout,
     at::Tensor& grad_input,
     at::Tensor& grad_weight,
     at::Tensor& grad_bias) {
-  const at::Tensor gl = g.index_select(1, rows);  // (batch, live)
+  const int64_t live = layout.live;
+  const int64_t batch = g.size(0);
+  const int64_t width = g.size(1);
+  // The live columns of g, packed, with a padded row stride.
+  at::Tensor gl =
+      at::empty({batch, padded_columns(live, g)}, g.options()).narrow(1, 0, live);
+  at::index_select_out(gl, g, 1, layout.rows);
   if (grad_input.defined()) {
-    at::mm_out(grad_input, gl, weight.index_select(0, rows));
+    at::mm_out(grad_input, gl, weight.index_select(0, layout.rows));
   }
+  // The packed gradient rows, plus one zero row that every dead row copies.
+  const auto spread = [&](at::Tensor& full, const at::Tensor& packed_with_zero) {
+    at::Tensor head = dense::leading_rows(full, width);
+    at::index_select_out(head, packed_with_zero, 0, layout.slots);
+    if (width < full.size(0)) {
+      full.narrow(0, width, full.size(0) - width).zero_();
+    }
+  };
   if (grad_weight.defined()) {
-    grad_weight.zero_();
-    grad_weight.index_copy_(0, rows, at::mm(gl.t(), x));
+    at::Tensor packed = at::empty({live + 1, x.size(1)}, grad_weight.options());
+    at::Tensor live_rows = packed.narrow(0, 0, live);
+    at::mm_out(live_rows, gl.t(), x);
+    packed.select(0, live).zero_();
+    spread(grad_weight, packed);
   }
   if (grad_bias.defined()) {
-    grad_bias.zero_();
-    grad_bias.index_copy_(0, rows, gl.sum(0));
+    at::Tensor packed = at::empty({live + 1}, grad_bias.options());
+    at::Tensor live_rows = packed.narrow(0, 0, live);
+    at::sum_out(live_rows, gl, 0);
+    packed.select(0, live).zero_();
+    spread(grad_bias, packed);
   }
 }
 

@@ -317,6 +317,103 @@ def test_large_weight_gradient(dtype, kind):
     assert torch.all(weight.grad[~active] == 1)
 
 
+# ------------------------------------------------ packed live rows (CUDA's gather), on the CPU
+
+
+def packed_forward_and_grads(x, weight, bias, active, width, grad_out, live_count, fill):
+    """CUDA's packed-rows gather (csrc/packed.h) through the module's test bindings, which
+    run it on any device: its output and its (input, weight, bias) gradients."""
+    module = ops._module
+    out = module._packed_linear(x, weight, bias, active, width, live_count, fill)
+    grads = module._packed_linear_backward(grad_out, x, weight, active, live_count, True, True, bias is not None)
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("kind", ["all", "prefix", "random", "mixed", "sparse", "single", "none"])
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
+def test_packed_rows_match_reference(dtype, kind, has_bias):
+    """The arithmetic of CUDA's gather with a live count (pack the live rows, GEMM, spread
+    back), run on the CPU: values and gradients against the reference, dead columns exactly
+    the fill, dead rows' gradients exactly zero, at odd sizes and every kind of mask."""
+    gen = torch.Generator().manual_seed(12)
+    capacity, in_features = CAPACITY[kind], 37
+    active = make_mask(kind, capacity, gen)
+    x = torch.randn(7, in_features, generator=gen).to(dtype)
+    weight = (torch.randn(capacity, in_features, generator=gen) / 6).to(dtype)
+    bias = torch.randn(capacity, generator=gen).to(dtype) if has_bias else None
+    for width in (capacity, capacity - 5, 1, 0):
+        grad_out = torch.randn(7, width, generator=gen).to(dtype)
+        live = int(active[:width].sum())
+        out, grads = packed_forward_and_grads(x, weight, bias, active, width, grad_out, live, -3.5)
+        ref, ref_grads = reference_and_grads(x, weight, bias, active, width, grad_out, -3.5)
+        how = f"{kind} width {width}"
+        assert_close(out, ref, dtype, f"{how} output")
+        assert torch.all(out[:, ~active[:width]] == -3.5), how
+        for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
+            assert got.dtype == dtype, how
+            assert_close(got, want, dtype, f"{how} grad {name}")
+        assert torch.all(grads[1][~active] == 0) and torch.all(grads[1][width:] == 0), how
+        if has_bias:
+            assert torch.all(grads[2][~active] == 0) and torch.all(grads[2][width:] == 0), how
+
+
+def test_packed_rows_never_read_dead_rows_and_fill_whatever_the_input():
+    """Dead rows holding NaN reach no output and no gradient, and the dead columns are the
+    fill even where the input is inf (the fill is written, not computed as 0 * x + fill)."""
+    active = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0], dtype=torch.bool)
+    weight = torch.randn(8, 5, dtype=torch.float64)
+    bias = torch.randn(8, dtype=torch.float64)
+    weight[~active] = float("nan")
+    bias[~active] = float("nan")
+    x = torch.randn(4, 5, dtype=torch.float64)
+    grad_out = torch.randn(4, 7, dtype=torch.float64)
+    grad_out[:, 5] = float("nan")  # the gradient of a dead column is never read either
+    out, (gi, gw, gb) = packed_forward_and_grads(x, weight, bias, active, 7, grad_out, 4, -2.0)
+    assert torch.all(out[:, ~active[:7]] == -2.0) and torch.isfinite(out).all()
+    assert torch.isfinite(gi).all() and torch.isfinite(gw[active]).all() and torch.isfinite(gb).all()
+    x_inf = x.clone()
+    x_inf[0, 2] = float("inf")
+    out, _ = packed_forward_and_grads(x_inf, weight, bias, active, 7, grad_out, 4, -2.0)
+    assert torch.all(out[:, ~active[:7]] == -2.0)
+    live = active.nonzero().squeeze(1)
+    torch.testing.assert_close(gi, grad_out[:, live[live < 7]] @ weight[live[live < 7]])
+
+
+def test_packed_rows_check_the_live_count():
+    """The packed block is sized by the caller's live count; a count that does not match the
+    mask is an error (a device-side assert on CUDA), never a wrong result."""
+    active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    x, weight = torch.randn(2, 4), torch.randn(6, 4)
+    module = ops._module
+    for wrong in (3, 5, 0, 6):
+        with pytest.raises(RuntimeError, match="live_count is not the number of live rows below width"):
+            module._packed_linear(x, weight, None, active, 6, wrong, 0.0)
+        with pytest.raises(RuntimeError, match="live_count is not the number of live rows below width"):
+            module._packed_linear_backward(torch.randn(2, 6), x, weight, active, wrong, True, True, True)
+    # the count is of the rows below width only
+    module._packed_linear(x, weight, None, active, 4, 3, 0.0)
+
+
+def test_packed_rows_are_deterministic():
+    """The spread of rows writes each place once, so the packed path runs under
+    torch.use_deterministic_algorithms and gives the same bits every time."""
+    gen = torch.Generator().manual_seed(13)
+    active = make_mask("random", 300, gen)
+    x, weight = torch.randn(9, 16, generator=gen), torch.randn(300, 16, generator=gen)
+    grad_out = torch.randn(9, 300, generator=gen)
+    live = int(active.sum())
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = packed_forward_and_grads(x, weight, weight[:, 0], active, 300, grad_out, live, 0.0)
+        second = packed_forward_and_grads(x, weight, weight[:, 0], active, 300, grad_out, live, 0.0)
+    finally:
+        torch.use_deterministic_algorithms(saved)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
 # -------------------------------------------------------------------- the strategy rule
 
 

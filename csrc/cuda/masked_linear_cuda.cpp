@@ -6,10 +6,11 @@
 // Each call takes the dense strategy (csrc/dense.h: cuBLAS GEMMs over the
 // first `width` rows, dead columns masked on the device) or gather, by the
 // rule of csrc/strategy.h. The host never reads the mask: `auto` decides from
-// the caller's live count, and without one takes dense. Gather compacts the
-// live rows on the device first. With a live count from the host it then runs
-// cuBLAS on the packed live rows (csrc/packed.h); without one, the live-row
-// kernels of masked_linear_kernel.cu, which read the list on the device.
+// the caller's live count, and without one takes dense. Gather with a live
+// count from the host runs cuBLAS on the packed live rows (csrc/packed.h, ATen
+// ops only, so any GPU that runs torch runs it); without one, the live-row
+// kernels of masked_linear_kernel.cu, which compact the live rows into a list
+// on the device and read it there.
 // Nothing waits for the GPU. Under CUDA-graph capture the live count is set
 // aside (its shapes would be baked into the graph), so every captured path
 // follows in-place changes of `active` on replay. Where the live count shapes
@@ -160,15 +161,6 @@ bool all_live(
   return true;
 }
 
-// The live rows as an int64 index, from the device's list (element 0 the
-// count) and the caller's count, which the device checks.
-at::Tensor packed_rows(const at::Tensor& list, int64_t live_count) {
-  at::_assert_async(
-      list.select(0, 0).eq(live_count),
-      "growop: live_count is not the number of live rows below width");
-  return list.narrow(0, 1, live_count).to(at::kLong);
-}
-
 const uint8_t* mask_bytes(const at::Tensor& active) {
   return reinterpret_cast<const uint8_t*>(active.const_data_ptr<bool>());
 }
@@ -245,14 +237,14 @@ at::Tensor masked_linear_cuda(
     return result;
   }
 
+  if (known.has_value()) {
+    packed::forward(x, weight, bias, packed::layout(mask, width, *known), fill, out);
+    return result;
+  }
   const at::Tensor w = as_rows(weight, in_features);
   k::ForwardParams params{};
   at::Tensor list;
   set_params_base(params, list, op, w, mask, batch, width, stream);
-  if (known.has_value()) {
-    packed::forward(x, w, bias, packed_rows(list, *known), fill, out);
-    return result;
-  }
   params.input = x.const_data_ptr();
   params.input_row_stride = row_stride(x);
   params.weight = w.const_data_ptr();
@@ -297,14 +289,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
     return {grad_input, grad_weight, grad_bias};
   }
 
+  if (known.has_value()) {
+    packed::backward(g, x, weight, packed::layout(mask, width, *known), gi, gw, gb);
+    return {grad_input, grad_weight, grad_bias};
+  }
   const at::Tensor w = as_rows(weight, in_features);
   k::BackwardParams params{};
   at::Tensor list;
   set_params_base(params, list, op, w, mask, batch, width, stream);
-  if (known.has_value()) {
-    packed::backward(g, x, w, packed_rows(list, *known), gi, gw, gb);
-    return {grad_input, grad_weight, grad_bias};
-  }
   params.grad_output = g.const_data_ptr();
   params.grad_output_row_stride = row_stride(g);
   params.input = x.const_data_ptr();
