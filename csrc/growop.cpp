@@ -366,12 +366,34 @@ PyObject* masked_linear_binding(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// growop._C._packed_linear(input, weight, bias, active, width, live_count,
-// fill) and _packed_linear_backward(grad_output, input, weight, active,
-// live_count, need_input, need_weight, need_bias): the packed-rows gather
-// that CUDA runs (packed.h), on 2-D tensors of any device, so its arithmetic
-// is tested where no GPU is. Not an API: no checks beyond ATen's own.
-PyObject* packed_linear_binding(PyObject* /*module*/, PyObject* args) {
+// growop._C._path_linear(path, input, weight, bias, active, width,
+// live_count, fill) and _path_linear_backward(path, grad_output, input,
+// weight, active, live_count, need_input, need_weight, need_bias): one way of
+// computing the op, on 2-D tensors of any device, so that what only CUDA
+// runs is tested where no GPU is. `path`: "packed" (packed.h, CUDA's gather
+// with a live count), "dense" (dense.h as the CPU runs it) or "dense_aligned"
+// (as CUDA runs it, through a padded block where width's rows are not
+// aligned). Dense masks the dead rows unless live_count equals width. Not an
+// API: no checks beyond ATen's own.
+enum class TestPath { kPacked, kDense, kDenseAligned };
+
+std::optional<TestPath> test_path(const char* name) {
+  const std::string_view path(name);
+  if (path == "packed") {
+    return TestPath::kPacked;
+  }
+  if (path == "dense") {
+    return TestPath::kDense;
+  }
+  if (path == "dense_aligned") {
+    return TestPath::kDenseAligned;
+  }
+  PyErr_Format(PyExc_ValueError, "unknown path '%s'", name);
+  return std::nullopt;
+}
+
+PyObject* path_linear_binding(PyObject* /*module*/, PyObject* args) {
+  const char* name = nullptr;
   PyObject* input = nullptr;
   PyObject* weight = nullptr;
   PyObject* bias = nullptr;
@@ -380,7 +402,12 @@ PyObject* packed_linear_binding(PyObject* /*module*/, PyObject* args) {
   long long live_count = 0;
   double fill = 0;
   if (!PyArg_ParseTuple(
-          args, "OOOOLLd", &input, &weight, &bias, &active, &width, &live_count, &fill)) {
+          args, "sOOOOLLd", &name, &input, &weight, &bias, &active, &width, &live_count,
+          &fill)) {
+    return nullptr;
+  }
+  const std::optional<TestPath> path = test_path(name);
+  if (!path.has_value()) {
     return nullptr;
   }
   HANDLE_TH_ERRORS
@@ -391,13 +418,20 @@ PyObject* packed_linear_binding(PyObject* /*module*/, PyObject* args) {
   at::Tensor out = at::empty({x.size(0), width}, x.options());
   {
     pybind11::gil_scoped_release no_gil;
-    growop::packed::forward(x, w, b, growop::packed::layout(mask, width, live_count), fill, out);
+    if (*path == TestPath::kPacked) {
+      growop::packed::forward(
+          x, w, b, growop::packed::layout(mask, width, live_count), fill, out);
+    } else {
+      growop::dense::forward(
+          x, w, b, mask, fill, live_count != width, *path == TestPath::kDenseAligned, out);
+    }
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* packed_linear_backward_binding(PyObject* /*module*/, PyObject* args) {
+PyObject* path_linear_backward_binding(PyObject* /*module*/, PyObject* args) {
+  const char* name = nullptr;
   PyObject* grad_output = nullptr;
   PyObject* input = nullptr;
   PyObject* weight = nullptr;
@@ -407,8 +441,12 @@ PyObject* packed_linear_backward_binding(PyObject* /*module*/, PyObject* args) {
   int need_weight = 0;
   int need_bias = 0;
   if (!PyArg_ParseTuple(
-          args, "OOOOLppp", &grad_output, &input, &weight, &active, &live_count,
+          args, "sOOOOLppp", &name, &grad_output, &input, &weight, &active, &live_count,
           &need_input, &need_weight, &need_bias)) {
+    return nullptr;
+  }
+  const std::optional<TestPath> path = test_path(name);
+  if (!path.has_value()) {
     return nullptr;
   }
   HANDLE_TH_ERRORS
@@ -423,9 +461,16 @@ PyObject* packed_linear_backward_binding(PyObject* /*module*/, PyObject* args) {
     at::Tensor gi_or_none = need_input ? gi : at::Tensor();
     at::Tensor gw_or_none = need_weight ? gw : at::Tensor();
     at::Tensor gb_or_none = need_bias ? gb : at::Tensor();
-    growop::packed::backward(
-        g, x, w, growop::packed::layout(mask, g.size(1), live_count), gi_or_none,
-        gw_or_none, gb_or_none);
+    const int64_t width = g.size(1);
+    if (*path == TestPath::kPacked) {
+      growop::packed::backward(
+          g, x, w, growop::packed::layout(mask, width, live_count), gi_or_none,
+          gw_or_none, gb_or_none);
+    } else {
+      growop::dense::backward(
+          g, x, w, mask, live_count != width, *path == TestPath::kDenseAligned,
+          gi_or_none, gw_or_none, gb_or_none);
+    }
   }
   PyObject* grads = PyTuple_New(3);
   if (grads == nullptr) {
@@ -442,10 +487,10 @@ PyObject* packed_linear_backward_binding(PyObject* /*module*/, PyObject* args) {
 PyMethodDef methods[] = {
     {"masked_linear", masked_linear_binding, METH_VARARGS,
      "torch.ops.growop.masked_linear.default for plain tensors, in eager mode"},
-    {"_packed_linear", packed_linear_binding, METH_VARARGS,
-     "CUDA's packed-rows gather forward on any device, for tests"},
-    {"_packed_linear_backward", packed_linear_backward_binding, METH_VARARGS,
-     "CUDA's packed-rows gather backward on any device, for tests"},
+    {"_path_linear", path_linear_binding, METH_VARARGS,
+     "one path of masked_linear's forward on any device, for tests"},
+    {"_path_linear_backward", path_linear_backward_binding, METH_VARARGS,
+     "one path of masked_linear's backward on any device, for tests"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -8,7 +8,7 @@
 // the weight gradient's rows.
 //
 // ATen ops only, no device code and no host sync: the same code runs on any
-// device (CUDA's glue calls it; the extension module's _packed_linear
+// device (CUDA's glue calls it; the extension module's _path_linear
 // bindings run it on the CPU for tests). The live count must be known on the
 // host, since it sizes the packed block; the device checks it against the
 // mask (a wrong count is an error on the CPU and a device-side assert on CUDA,
@@ -17,7 +17,6 @@
 
 #include <ATen/ATen.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "dense.h"
@@ -55,13 +54,6 @@ inline Layout layout(const at::Tensor& active, int64_t width, int64_t live) {
   return {live, order.narrow(0, 0, live), at::where(mask, live_place, live)};
 }
 
-// Columns of a packed (batch, n) block with its row stride padded to 128
-// bytes: cuBLAS runs its fastest kernels only on 16-byte-aligned strides.
-inline int64_t padded_columns(int64_t n, const at::Tensor& like) {
-  const int64_t step = std::max<int64_t>(1, 128 / like.element_size());
-  return (n + step - 1) / step * step;
-}
-
 // out (batch, width): x @ weight[rows]^T + bias[rows] in the live columns,
 // `fill` in every other column.
 inline void forward(
@@ -74,7 +66,7 @@ inline void forward(
   const int64_t live = layout.live;
   // One spare row past the live ones, zero, gives the product one spare
   // column, which then takes `fill`; more spare rows pad the row stride.
-  const int64_t rows = padded_columns(live + 1, x);
+  const int64_t rows = dense::padded_columns(live + 1, x);
   at::Tensor w = at::empty({rows, weight.size(1)}, weight.options());
   at::Tensor w_live = w.narrow(0, 0, live);
   at::index_select_out(w_live, weight, 0, layout.rows);
@@ -107,8 +99,7 @@ inline void backward(
   const int64_t batch = g.size(0);
   const int64_t width = g.size(1);
   // The live columns of g, packed, with a padded row stride.
-  at::Tensor gl =
-      at::empty({batch, padded_columns(live, g)}, g.options()).narrow(1, 0, live);
+  at::Tensor gl = dense::padded_block(batch, live, g);
   at::index_select_out(gl, g, 1, layout.rows);
   if (grad_input.defined()) {
     at::mm_out(grad_input, gl, weight.index_select(0, layout.rows));

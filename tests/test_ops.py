@@ -317,25 +317,34 @@ def test_large_weight_gradient(dtype, kind):
     assert torch.all(weight.grad[~active] == 1)
 
 
-# ------------------------------------------------ packed live rows (CUDA's gather), on the CPU
+# ------------------------------------- the paths only CUDA takes, run on the CPU
 
 
-def packed_forward_and_grads(x, weight, bias, active, width, grad_out, live_count, fill):
-    """CUDA's packed-rows gather (csrc/packed.h) through the module's test bindings, which
-    run it on any device: its output and its (input, weight, bias) gradients."""
+def path_forward_and_grads(path, x, weight, bias, active, width, grad_out, live_count, fill):
+    """One path of the op through the extension module's test bindings, which run it on
+    any device: "packed" (CUDA's gather with a live count, csrc/packed.h) or "dense_aligned"
+    (CUDA's dense, through a padded block where width's rows are not 16-byte aligned).
+    Returns its output and its (input, weight, bias) gradients."""
     module = ops._module
-    out = module._packed_linear(x, weight, bias, active, width, live_count, fill)
-    grads = module._packed_linear_backward(grad_out, x, weight, active, live_count, True, True, bias is not None)
+    out = module._path_linear(path, x, weight, bias, active, width, live_count, fill)
+    grads = module._path_linear_backward(path, grad_out, x, weight, active, live_count, True, True,
+                                         bias is not None)
     return out, grads
 
 
+def packed_forward_and_grads(*args):
+    return path_forward_and_grads("packed", *args)
+
+
+@pytest.mark.parametrize("path", ["packed", "dense_aligned", "dense"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("kind", ["all", "prefix", "random", "mixed", "sparse", "single", "none"])
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
-def test_packed_rows_match_reference(dtype, kind, has_bias):
-    """The arithmetic of CUDA's gather with a live count (pack the live rows, GEMM, spread
-    back), run on the CPU: values and gradients against the reference, dead columns exactly
-    the fill, dead rows' gradients exactly zero, at odd sizes and every kind of mask."""
+def test_cuda_paths_match_reference_on_the_cpu(path, dtype, kind, has_bias):
+    """The arithmetic of the paths CUDA takes, run on the CPU: gather on packed rows (pack
+    the live rows, GEMM, spread back) and dense through an aligned block. Values and
+    gradients against the reference, dead columns exactly the fill, dead rows' gradients
+    exactly zero, at odd sizes (widths whose rows are not aligned) and every kind of mask."""
     gen = torch.Generator().manual_seed(12)
     capacity, in_features = CAPACITY[kind], 37
     active = make_mask(kind, capacity, gen)
@@ -345,9 +354,10 @@ def test_packed_rows_match_reference(dtype, kind, has_bias):
     for width in (capacity, capacity - 5, 1, 0):
         grad_out = torch.randn(7, width, generator=gen).to(dtype)
         live = int(active[:width].sum())
-        out, grads = packed_forward_and_grads(x, weight, bias, active, width, grad_out, live, -3.5)
+        out, grads = path_forward_and_grads(path, x, weight, bias, active, width, grad_out, live, -3.5)
         ref, ref_grads = reference_and_grads(x, weight, bias, active, width, grad_out, -3.5)
-        how = f"{kind} width {width}"
+        how = f"{path} {kind} width {width}"
+        assert out.is_contiguous(), how
         assert_close(out, ref, dtype, f"{how} output")
         assert torch.all(out[:, ~active[:width]] == -3.5), how
         for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
@@ -388,11 +398,13 @@ def test_packed_rows_check_the_live_count():
     module = ops._module
     for wrong in (3, 5, 0, 6):
         with pytest.raises(RuntimeError, match="live_count is not the number of live rows below width"):
-            module._packed_linear(x, weight, None, active, 6, wrong, 0.0)
+            module._path_linear("packed", x, weight, None, active, 6, wrong, 0.0)
         with pytest.raises(RuntimeError, match="live_count is not the number of live rows below width"):
-            module._packed_linear_backward(torch.randn(2, 6), x, weight, active, wrong, True, True, True)
+            module._path_linear_backward("packed", torch.randn(2, 6), x, weight, active, wrong, True, True, True)
     # the count is of the rows below width only
-    module._packed_linear(x, weight, None, active, 4, 3, 0.0)
+    module._path_linear("packed", x, weight, None, active, 4, 3, 0.0)
+    with pytest.raises(ValueError, match="unknown path 'gather'"):
+        module._path_linear("gather", x, weight, None, active, 4, 3, 0.0)
 
 
 def test_packed_rows_are_deterministic():

@@ -445,7 +445,7 @@ at::Tensor masked_linear_cpu(
   const double fill = dense::fill_value(weight.scalar_type(), mask_value);
   const at::Tensor bias = has_bias ? *bias_opt : at::Tensor();
   if (path == Path::kDense) {
-    dense::forward(x, weight, bias, live_mask, fill, num_live < width, out);
+    dense::forward(x, weight, bias, live_mask, fill, num_live < width, /*align_rows=*/false, out);
   } else {
     gather_forward(x.contiguous(), weight.contiguous(), has_bias ? bias.contiguous() : bias,
                    live_mask, fill, out);
@@ -476,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
     at::Tensor gi = output_mask[0] ? as_matrix(grad_input) : at::Tensor();
     at::Tensor gw = output_mask[1] ? grad_weight : at::Tensor();
     at::Tensor gb = output_mask[2] ? grad_bias : at::Tensor();
-    dense::backward(g, x, weight, live_mask, num_live < width, gi, gw, gb);
+    dense::backward(g, x, weight, live_mask, num_live < width, /*align_rows=*/false, gi, gw, gb);
     return {grad_input, grad_weight, grad_bias};
   }
   // The gather kernels allocate their own weight-side gradients (see

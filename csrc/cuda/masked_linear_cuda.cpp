@@ -233,7 +233,7 @@ at::Tensor masked_linear_cuda(
   const at::Tensor bias = has_bias ? bias_opt->contiguous() : at::Tensor();
   if (path == Path::kDense) {
     const bool mask_dead = !all_live(mask, width, known);
-    dense::forward(x, weight, bias, mask, fill, mask_dead, out);
+    dense::forward(x, weight, bias, mask, fill, mask_dead, /*align_rows=*/true, out);
     return result;
   }
 
@@ -285,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
   at::Tensor gb = output_mask[2] ? grad_bias : at::Tensor();
   if (path == Path::kDense) {
     const bool mask_dead = !all_live(mask, width, known);
-    dense::backward(g, x, weight, mask, mask_dead, gi, gw, gb);
+    dense::backward(g, x, weight, mask, mask_dead, /*align_rows=*/true, gi, gw, gb);
     return {grad_input, grad_weight, grad_bias};
   }
 
