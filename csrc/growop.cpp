@@ -230,6 +230,30 @@ struct MaskedLinearDoubleBackward : public Node {
   }
 };
 
+// Forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad).
+// The tangents and primals at level 0, the level ATen's generated kernels use:
+// torch.func's transforms each see their own level as 0.
+Tensor tangent_of(const Tensor& t) {
+  return t.defined() ? t._fw_grad(/*level=*/0) : Tensor();
+}
+
+Tensor tangent_of(const std::optional<Tensor>& t) {
+  return t.has_value() ? tangent_of(*t) : Tensor();
+}
+
+// `t` without its tangent (a view), for computing tangents from: a tangent
+// computed from dual tensors would carry a tangent of its own.
+Tensor primal_of(const Tensor& t) {
+  return tangent_of(t).defined() ? t._fw_primal(/*level=*/0) : t;
+}
+
+Tensor sum_defined(const Tensor& a, const Tensor& b) {
+  if (!a.defined()) {
+    return b;
+  }
+  return b.defined() ? a.add(b) : a;
+}
+
 Tensor masked_linear_autograd(
     const Tensor& input,
     const Tensor& weight,
@@ -258,6 +282,30 @@ Tensor masked_linear_autograd(
   }
   if (grad_fn) {
     torch::autograd::set_history(out, grad_fn);
+  }
+  // The op is linear in each of input, weight and bias, so its tangent is
+  // the op applied to the tangents, with 0 in the dead columns (constant in
+  // the forward). Computed outside the guard above, so it is differentiable
+  // in reverse mode too (jacrev over jvp).
+  const Tensor t_input = tangent_of(input);
+  const Tensor t_weight = tangent_of(weight);
+  const Tensor t_bias = tangent_of(bias);
+  if (t_input.defined() || t_weight.defined() || t_bias.defined()) {
+    const Tensor w = primal_of(weight);
+    Tensor tangent;
+    if (t_input.defined()) {
+      tangent = masked_linear(
+          t_input, w, std::nullopt, active, width, 0.0, strategy, live_count);
+    }
+    if (t_weight.defined() || t_bias.defined()) {
+      tangent = sum_defined(
+          tangent,
+          masked_linear(
+              primal_of(input), t_weight.defined() ? t_weight : at::zeros_like(w),
+              t_bias.defined() ? std::optional<Tensor>(t_bias) : std::nullopt, active,
+              width, 0.0, strategy, live_count));
+    }
+    out._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
   }
   return out;
 }
@@ -292,6 +340,46 @@ std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_autograd(
   if (grad_fn) {
     torch::autograd::set_history(
         {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)}, grad_fn);
+  }
+  // Forward mode: the outputs are bilinear, (g, weight) -> grad_input,
+  // (g, input) -> grad_weight, and linear in g -> grad_bias, so with tangents
+  // tg, tx, tw:
+  //   d grad_input  = backward(tg, x, w).grad_input  + backward(g, -, tw).grad_input
+  //   d grad_weight = backward(tg, x, w).grad_weight + backward(g, tx, -).grad_weight
+  //   d grad_bias   = backward(tg, -, -).grad_bias
+  const Tensor t_grad = tangent_of(grad_output);
+  const Tensor t_input = tangent_of(input);
+  const Tensor t_weight = tangent_of(weight);
+  if (t_grad.defined() || t_input.defined() || t_weight.defined()) {
+    const Tensor g = primal_of(grad_output);
+    const Tensor x = primal_of(input);
+    const Tensor w = primal_of(weight);
+    std::array<Tensor, 3> tangents;
+    if (t_grad.defined()) {
+      auto [a_input, a_weight, a_bias] = masked_linear_backward(
+          t_grad, x, w, active, output_mask, strategy, live_count);
+      tangents = {a_input, a_weight, a_bias};
+    }
+    const std::array<bool, 3> second = {
+        output_mask[0] && t_weight.defined(), output_mask[1] && t_input.defined(), false};
+    if (second[0] || second[1]) {
+      auto [b_input, b_weight, unused] = masked_linear_backward(
+          g, second[1] ? t_input : x, second[0] ? t_weight : w, active, second,
+          strategy, live_count);
+      if (second[0]) {
+        tangents[0] = sum_defined(tangents[0], b_input);
+      }
+      if (second[1]) {
+        tangents[1] = sum_defined(tangents[1], b_weight);
+      }
+    }
+    const std::array<Tensor*, 3> outputs = {
+        &std::get<0>(grads), &std::get<1>(grads), &std::get<2>(grads)};
+    for (size_t i = 0; i < 3; ++i) {
+      if (output_mask[i] && tangents[i].defined()) {
+        outputs[i]->_set_fw_grad(tangents[i], /*level=*/0, /*is_inplace_op=*/false);
+      }
+    }
   }
   return grads;
 }

@@ -17,10 +17,11 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from conftest import CAPACITY, DTYPES, NEEDS_CUDA, assert_close, capture_cuda_graph, make_mask
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import growop
 from growop import ops, reference
@@ -520,8 +521,18 @@ def test_gradcheck_and_gradgradcheck_float64(device, strategy, kind, has_bias, h
 
     inputs = (x, weight, bias) if has_bias else (x, weight)
     fast = kind != "prefix"
-    assert torch.autograd.gradcheck(fn, inputs, fast_mode=fast)
-    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=fast)
+    # forward mode too (jvp): the op's tangent, and the backward op's, against finite
+    # differences
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=fast, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=fast, check_fwd_over_rev=True)
+
+    grad_out = torch.randn(batch, width, dtype=torch.float64, generator=gen).to(device).requires_grad_()
+
+    def backward_fn(g, x, weight):
+        return ops.masked_linear_backward(g, x, weight, active, live_count=live_count)
+
+    assert torch.autograd.gradcheck(backward_fn, (grad_out, x, weight), fast_mode=fast,
+                                    check_forward_ad=True)
 
 
 def test_gradient_penalty_matches_nn_linear(device, strategy):
@@ -609,6 +620,41 @@ def test_torch_func_grad_vmap_grad_and_jacrev_match_nn_linear(device, strategy):
     theirs_jac = jacrev(lambda p: functional_call(linear, p, (x,)))(theirs_params)
     torch.testing.assert_close(ours_jac["weight"][..., live, :], theirs_jac["weight"])
     torch.testing.assert_close(ours_jac["bias"][..., live], theirs_jac["bias"])
+
+
+def test_forward_mode_matches_nn_linear(device, strategy):
+    """jvp, jacfwd, hessian (forward over reverse) and torch.autograd.forward_ad give
+    nn.Linear's values: the ops carry forward-mode formulas instead of dropping tangents."""
+    layer, linear, live = _grow_and_linear(device)
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=gen).to(device)
+    v = torch.randn(6, 4, dtype=torch.float64, generator=gen).to(device)
+    ours, theirs = jvp(layer, (x,), (v,))[1], jvp(linear, (x,), (v,))[1]
+    torch.testing.assert_close(ours[:, live], theirs)
+    assert torch.all(ours[:, ~layer.active[: layer.out_features]] == 0)  # masked columns are constant
+    torch.testing.assert_close(jacfwd(layer)(x)[:, live], jacfwd(linear)(x))
+
+    def loss(module):
+        def f(z):
+            out = module(z)
+            return (out[..., live] if module is layer else out).tanh().sum()
+        return f
+
+    torch.testing.assert_close(hessian(loss(layer))(x[0]), hessian(loss(linear))(x[0]))
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss_of_params(p):
+        return functional_call(layer, p, (x,))[:, live].tanh().sum()
+
+    fwd_over_rev = hessian(loss_of_params)(params)
+    rev_over_rev = jacrev(jacrev(loss_of_params))(params)
+    for a in params:
+        for b in params:
+            torch.testing.assert_close(fwd_over_rev[a][b], rev_over_rev[a][b])
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, v))).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent[:, live], theirs)
 
 
 def test_vmap_has_batching_rules_and_no_slow_path_warning(device):
