@@ -125,6 +125,16 @@ def _check_mask(weight: Tensor, active: Tensor) -> None:
     )
 
 
+def _check_devices(op: str, weight: Tensor, **tensors: Tensor | None) -> None:
+    """Every tensor on the weight's device, as the kernels check (csrc/checks.h). The fake
+    kernel is also the meta one, which the dispatcher picks when any argument is on meta."""
+    for name, t in tensors.items():
+        torch._check(
+            t is None or t.device == weight.device,
+            lambda: f"{op}: {name} is on {t.device} but weight is on {weight.device}",
+        )
+
+
 def _check_input(input: Tensor, weight: Tensor) -> None:
     torch._check(
         input.dim() >= 1 and input.shape[-1] == weight.shape[1],
@@ -135,6 +145,7 @@ def _check_input(input: Tensor, weight: Tensor) -> None:
 
 @torch.library.register_fake("growop::masked_linear")
 def _masked_linear_fake(input, weight, bias, active, width, mask_value=None, strategy="auto", live_count=None):
+    _check_devices("growop.masked_linear", weight, input=input, bias=bias, active=active)
     _check_mask(weight, active)
     _check_input(input, weight)
     torch._check(0 <= width, lambda: f"width {width} must be >= 0")
@@ -148,6 +159,8 @@ def _masked_linear_fake(input, weight, bias, active, width, mask_value=None, str
 def _masked_linear_backward_fake(
     grad_output, input, weight, active, output_mask, strategy="auto", live_count=None
 ):
+    _check_devices("growop.masked_linear_backward", weight, grad_output=grad_output, input=input,
+                   active=active)
     _check_mask(weight, active)
     _check_input(input, weight)
     torch._check(grad_output.shape[:-1] == input.shape[:-1], lambda: "grad_output does not match input")

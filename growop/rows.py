@@ -493,6 +493,37 @@ class GrowRows(nn.Module):
             "that to_linear() / to_embedding() returns."
         )
 
+    # ------------------------------------------------------------------ device moves
+
+    def _apply(self, fn, recurse=True):
+        # Every .to(), .cuda(), .half() and to_empty() comes through here. to_empty (and
+        # skip_init, which builds on meta and calls it) gives every buffer uninitialised
+        # storage: right for values that get loaded or initialised next, wrong for the mask
+        # and seed, which hold this layer's structure (code written for nn.Linear copies the
+        # weights in and goes on). So each keeps its values across any move: copied from
+        # the old tensor, or, coming from meta where they hold none, remade as the
+        # constructor makes them.
+        before = {name: self._buffers.get(name) for name in ("active", "_init_seed")}
+        module = super()._apply(fn, recurse)
+        self._keep_row_state(before["active"], before["_init_seed"])
+        return module
+
+    def _keep_row_state(self, old_active: Tensor | None, old_seed: Tensor | None) -> None:
+        active, seed = self._buffers.get("active"), self._buffers.get("_init_seed")
+        with torch.no_grad():
+            if active is not None and old_active is not None and active is not old_active and not active.is_meta:
+                if old_active.is_meta:  # a meta mask holds no pattern: every slot in use live
+                    used = self._rows.used
+                    active.copy_(torch.arange(active.numel(), device=active.device) < used)
+                    self._rows._set_counts(used, used)
+                else:
+                    active.copy_(old_active)
+            if seed is not None and old_seed is not None and seed is not old_seed and not seed.is_meta:
+                if old_seed.is_meta:
+                    seed.fill_(int(torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64)))
+                else:
+                    seed.copy_(old_seed)
+
     # ------------------------------------------------------------------ reset
 
     def _reset_rows(self) -> None:

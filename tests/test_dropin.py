@@ -91,6 +91,46 @@ def test_to_empty_then_reset_parameters_leaves_a_constructed_layer():
     assert layer.grow(1) == range(3, 4)
 
 
+@pytest.mark.parametrize("make", ["meta_to_empty", "skip_init"])
+def test_weights_copied_in_after_to_empty_work_as_for_nn_linear(make):
+    """Code written for nn.Linear: build without initialising (on meta then to_empty, or
+    skip_init), copy the weights in, go on. The mask and seed are not left as uninitialised
+    memory: the slots in use are live, as the constructor makes them."""
+    torch.manual_seed(3)
+    weight, bias = torch.randn(3, 5), torch.randn(3)
+    for _ in range(5):  # uninitialised memory differs from call to call
+        if make == "skip_init":
+            layer = torch.nn.utils.skip_init(GrowLinear, 5, 3, capacity=8)
+        else:
+            layer = GrowLinear(5, 3, capacity=8, device="meta").to_empty(device="cpu")
+        with torch.no_grad():
+            layer.weight[:3].copy_(weight)
+            layer.bias[:3].copy_(bias)
+        assert layer.active.tolist() == [True] * 3 + [False] * 5
+        assert layer._live_count == 3 and 0 <= int(layer._init_seed) < torch.iinfo(torch.int64).max
+        x = torch.randn(2, 5)
+        torch.testing.assert_close(layer(x), F.linear(x, weight, bias))
+        assert layer.grow(1) == range(3, 4)
+    embedding = torch.nn.utils.skip_init(growop.GrowEmbedding, 6, 3, capacity=9)
+    assert embedding.active.tolist() == [True] * 6 + [False] * 3 and embedding._live_count == 6
+
+
+def test_to_empty_and_moves_keep_the_mask_and_seed():
+    """Off meta, a move (to_empty included) keeps the mask, counts and seed as they were:
+    deactivated rows stay masked, and the next grow draws the same rows."""
+    layer = grown_layer()
+    mask, seed = layer.active.clone(), int(layer._init_seed)
+    twin = copy.deepcopy(layer)
+    layer.to_empty(device="cpu")
+    assert torch.equal(layer.active, mask) and int(layer._init_seed) == seed
+    assert layer._live_count == int(mask.sum())
+    layer.double().float()
+    assert torch.equal(layer.active, mask)
+    layer.grow(1)
+    twin.grow(1)
+    torch.testing.assert_close(layer.weight[5], twin.weight[5])
+
+
 def test_reset_parameters_after_grows_makes_every_slot_live_again():
     layer = grown_layer()
     layer.reset_parameters()

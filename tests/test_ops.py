@@ -713,6 +713,20 @@ def test_fake_tensor_shapes_on_meta():
     assert [g.shape for g in grads] == [(4, 7, 3), (0, 3), (10,)]
 
 
+def test_meta_and_real_tensors_mixed_raise_as_the_kernels_do():
+    """Any meta argument sends the call to the meta (fake) kernel, which checks devices as
+    the kernels do: never an uninitialised result on the real device."""
+    real = {"x": torch.randn(2, 3), "weight": torch.randn(5, 3), "active": torch.ones(5, dtype=torch.bool)}
+    for name in real:
+        args = {k: (torch.empty_like(v, device="meta") if k == name else v) for k, v in real.items()}
+        with pytest.raises(RuntimeError, match=r"growop.masked_linear: \w+ is on (meta|cpu) but weight is on"):
+            ops.masked_linear(args["x"], args["weight"], None, args["active"], 5)
+        with pytest.raises(RuntimeError, match=r"growop.masked_linear_backward: \w+ is on"):
+            ops.masked_linear_backward(torch.randn(2, 5), args["x"], args["weight"], args["active"])
+    with pytest.raises(RuntimeError, match="input is on cpu but weight is on meta"):
+        growop.GrowLinear(3, 4, device="meta")(torch.randn(2, 3))
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
