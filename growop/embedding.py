@@ -11,6 +11,13 @@ from torch.nn.utils import skip_init
 from growop.rows import GrowRows, checked_int, resolved_capacity
 
 
+_SPARSE_UNSUPPORTED = (
+    "GrowEmbedding does not support sparse=True: its gradient would be a sparse "
+    "(capacity, embedding_dim) tensor that growop's optimizer handling does not cover. Use a "
+    "dense gradient (sparse=False)."
+)
+
+
 class GrowEmbedding(GrowRows, nn.Embedding):
     r"""``nn.Embedding`` with over-provisioned rows, so tokens can be added in place.
 
@@ -35,13 +42,15 @@ class GrowEmbedding(GrowRows, nn.Embedding):
         embedding_dim: size of each embedding vector.
         padding_idx: as ``nn.Embedding``: that row starts at zero and gets no gradient.
             Must be ``< num_embeddings`` (negative counts from ``num_embeddings``).
-        capacity: rows allocated; default :func:`growop.default_capacity` (25% headroom, at
-            least 8 rows). Must be ``>= num_embeddings``.
+        max_norm, norm_type, scale_grad_by_freq: as ``nn.Embedding``; ``max_norm``
+            renormalises only the rows looked up, which are live.
+        sparse: must be ``False``: sparse gradients are not supported (raises).
+        _weight, _freeze: as ``nn.Embedding``: the ``(num_embeddings, embedding_dim)`` rows
+            to start from (the rows past them zero until grown), and whether the weight is
+            frozen.
         device, dtype: as ``nn.Embedding``.
-
-    ``max_norm``, ``norm_type`` and ``scale_grad_by_freq`` (set as attributes or carried
-    over by :meth:`from_embedding`) behave as in ``nn.Embedding``; ``max_norm`` renormalises
-    only the rows looked up, which are live. ``sparse=True`` is not supported and raises.
+        capacity: rows allocated; default :func:`growop.default_capacity` (25% headroom, at
+            least 8 rows). Must be ``>= num_embeddings``. Keyword only.
 
     Attributes:
         weight: ``(capacity, embedding_dim)`` Parameter.
@@ -62,11 +71,22 @@ class GrowEmbedding(GrowRows, nn.Embedding):
         num_embeddings: int,
         embedding_dim: int,
         padding_idx: int | None = None,
-        *,
-        capacity: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+        _weight: Tensor | None = None,
+        _freeze: bool = False,
         device=None,
         dtype=None,
+        *,
+        capacity: int | None = None,
     ) -> None:
+        if sparse:
+            raise ValueError(_SPARSE_UNSUPPORTED)
+        if _weight is not None:
+            device = _weight.device if device is None else device
+            dtype = _weight.dtype if dtype is None else dtype
         factory_kwargs = {"device": device, "dtype": dtype}
         nn.Module.__init__(self)  # not nn.Embedding.__init__: it allocates num_embeddings rows
         num_embeddings = checked_int(num_embeddings, "GrowEmbedding: num_embeddings", 0)
@@ -81,16 +101,28 @@ class GrowEmbedding(GrowRows, nn.Embedding):
                     f"GrowEmbedding: padding_idx ({padding_idx}) must be < num_embeddings "
                     f"({num_embeddings})"
                 )
+        if _weight is not None and tuple(_weight.shape) != (num_embeddings, embedding_dim):
+            raise ValueError(
+                f"GrowEmbedding: _weight has shape {tuple(_weight.shape)}, expected "
+                f"(num_embeddings, embedding_dim) = ({num_embeddings}, {embedding_dim})"
+            )
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
-        self.max_norm = None
-        self.norm_type = 2.0
-        self.scale_grad_by_freq = False
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+        self.scale_grad_by_freq = scale_grad_by_freq
         self.sparse = False
-        self.weight = Parameter(torch.empty((capacity, embedding_dim), **factory_kwargs))
+        self.weight = Parameter(torch.empty((capacity, embedding_dim), **factory_kwargs),
+                                requires_grad=not _freeze)
         self._init_rows(num_embeddings, capacity, device)
-        self.reset_parameters()
+        if _weight is None:
+            self.reset_parameters()
+        else:  # as nn.Embedding: the given rows as they are; the rows past them zero
+            self._reset_rows()
+            with torch.no_grad():
+                self.weight[:num_embeddings].copy_(_weight)
+                self.weight[num_embeddings:].zero_()
 
     def reset_parameters(self) -> None:
         """Leaves the layer as its constructor would: every row drawn as ``nn.Embedding``
@@ -102,11 +134,7 @@ class GrowEmbedding(GrowRows, nn.Embedding):
 
     def forward(self, input: Tensor) -> Tensor:
         if self.sparse:
-            raise RuntimeError(
-                "GrowEmbedding does not support sparse=True: its gradient would be a sparse "
-                "(capacity, embedding_dim) tensor that growop's optimizer handling does not "
-                "cover. Use a dense gradient (sparse=False)."
-            )
+            raise RuntimeError(_SPARSE_UNSUPPORTED)
         self._check_ids(input)
         return F.embedding(
             input,
@@ -158,7 +186,6 @@ class GrowEmbedding(GrowRows, nn.Embedding):
             device=weight.device,
             dtype=weight.dtype,
         )
-        layer._reset_rows()
         layer.max_norm = embedding.max_norm
         layer.norm_type = embedding.norm_type
         layer.scale_grad_by_freq = embedding.scale_grad_by_freq

@@ -32,15 +32,16 @@ class GrowLinear(GrowRows, nn.Linear):
         in_features: size of each input sample.
         out_features: output slots in use at the start (all live).
         bias: learn an additive bias, as ``nn.Linear``.
+        device, dtype: as ``nn.Linear``; dtype is float32, float64, bfloat16 or float16.
         capacity: rows allocated; default :func:`default_capacity` (25% headroom, at least
-            8 rows). Must be ``>= out_features``.
+            8 rows). Must be ``>= out_features``. This and the arguments after it are
+            keyword only.
         mask_value: value of the columns whose row is not live; ``None`` means
             ``torch.finfo(dtype).min``, which softmax and cross-entropy treat as probability
             zero while staying finite.
         static_shape: if ``True`` the output always has ``capacity`` columns (slots not yet
             grown are masked), so growing changes no shape: ``torch.compile`` and CUDA graphs
             see the same shapes before and after.
-        device, dtype: as ``nn.Linear``; dtype is float32, float64, bfloat16 or float16.
 
     Attributes:
         weight: ``(capacity, in_features)`` Parameter.
@@ -66,12 +67,12 @@ class GrowLinear(GrowRows, nn.Linear):
         in_features: int,
         out_features: int,
         bias: bool = True,
+        device=None,
+        dtype=None,
         *,
         capacity: int | None = None,
         mask_value: float | None = None,
         static_shape: bool = False,
-        device=None,
-        dtype=None,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         nn.Module.__init__(self)  # not nn.Linear.__init__: it allocates out_features rows

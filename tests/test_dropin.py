@@ -254,6 +254,41 @@ def test_is_an_nn_linear_and_init_loops_reach_it():
     assert model[1].out_features == 3 and model[1](torch.randn(2, 5)).shape == (2, 3)
 
 
+@pytest.mark.parametrize("ours,theirs", [(GrowLinear, nn.Linear), (growop.GrowEmbedding, nn.Embedding)],
+                         ids=["linear", "embedding"])
+def test_constructor_takes_the_stock_arguments_in_the_stock_order(ours, theirs):
+    """Every argument of the stock constructor, positional where it is, with its default;
+    growop's own (capacity, ...) come after, keyword only."""
+    import inspect
+
+    stock = list(inspect.signature(theirs.__init__).parameters.values())[1:]
+    own = list(inspect.signature(ours.__init__).parameters.values())[1:]
+    assert [(p.name, p.kind, p.default) for p in own[: len(stock)]] == [
+        (p.name, p.kind, p.default) for p in stock
+    ]
+    assert all(p.kind == p.KEYWORD_ONLY for p in own[len(stock):])
+
+
+def test_positional_device_and_dtype_and_embedding_options():
+    layer = GrowLinear(4, 3, True, "cpu", torch.float64)
+    assert layer.weight.dtype == torch.float64 and layer.bias is not None
+    emb = growop.GrowEmbedding(10, 3, None, 1.0, 1.0, True, capacity=12)
+    assert (emb.max_norm, emb.norm_type, emb.scale_grad_by_freq) == (1.0, 1.0, True)
+    ids = torch.tensor([1, 2, 1])
+    emb(ids).sum().backward()
+    assert torch.all(emb.weight.detach()[[1, 2]].norm(p=1, dim=1) <= 1.0 + 1e-6)
+    with pytest.raises(ValueError, match="does not support sparse=True"):
+        growop.GrowEmbedding(10, 3, sparse=True)
+    start = torch.randn(5, 3)
+    frozen = growop.GrowEmbedding(5, 3, _weight=start, _freeze=True, capacity=8)
+    stock = nn.Embedding(5, 3, _weight=start, _freeze=True)
+    assert not frozen.weight.requires_grad and not stock.weight.requires_grad
+    torch.testing.assert_close(frozen(ids), stock(ids))
+    assert torch.all(frozen.weight[5:] == 0) and frozen.active.tolist() == [True] * 5 + [False] * 3
+    with pytest.raises(ValueError, match=r"_weight has shape \(4, 3\), expected"):
+        growop.GrowEmbedding(5, 3, _weight=torch.randn(4, 3))
+
+
 def test_from_linear_refuses_a_growlinear_clearly():
     with pytest.raises(TypeError, match="plain nn.Linear.*state_dict"):
         GrowLinear.from_linear(GrowLinear(4, 2, capacity=5))
