@@ -99,13 +99,16 @@ def check_holds(optimizer, params: list[Tensor]) -> None:
 
 
 def is_row_state(value, param: Tensor) -> bool:
-    """Whether an optimizer state entry holds one slice per row of ``param``."""
-    return (
-        isinstance(value, Tensor)
-        and value.dim() == param.dim()
-        and value.dim() >= 1
-        and value.shape[1:] == param.shape[1:]
-    )
+    """Whether an optimizer state entry holds one slice per row of ``param``: elementwise
+    state (momentum, Adam's moments: ``param``'s shape, at this or an older row count), or
+    a factored per-row statistic (Adafactor's ``row_var``, ``(rows, 1)``). A one-row
+    statistic of a many-row parameter is per column (Adafactor's ``col_var``, ``(1, in)``),
+    not per row."""
+    if not isinstance(value, Tensor) or value.dim() != param.dim() or value.dim() < 1:
+        return False
+    if value.shape[0] == 1 and param.shape[0] != 1:
+        return False
+    return value.shape[1:] == param.shape[1:] or all(size == 1 for size in value.shape[1:])
 
 
 # ---------------------------------------------------------------------- rows and sizes

@@ -145,6 +145,30 @@ def test_grow_past_capacity_resizes_optimizer_state(kind):
     assert all(math.isfinite(v) for v in losses)
 
 
+def test_adafactor_factored_state_follows_rows_and_keeps_its_column_statistic():
+    """Adafactor keeps a per-row statistic (row_var, (rows, 1)) and a per-column one
+    (col_var, (1, in)) of a matrix: only the first follows rows (zeroed for new and masked
+    rows, padded past capacity); the second keeps its shape, and training goes on."""
+    x, y = regression_problem(outputs=OUT + 4)
+    layer = make_layer(capacity=OUT + 1)
+    opt = torch.optim.Adafactor(layer.parameters(), lr=1e-2)
+    train(layer, opt, x, y, 3)
+    col_var = opt.state[layer.weight]["col_var"].clone()
+    row_var = opt.state[layer.weight]["row_var"].clone()
+    layer.grow(1, optimizer=opt)
+    layer.deactivate([0], optimizer=opt)
+    state = opt.state[layer.weight]
+    assert torch.equal(state["col_var"], col_var)
+    assert state["row_var"][[0, OUT]].eq(0).all() and torch.equal(state["row_var"][1:OUT], row_var[1:OUT])
+    assert opt.state[layer.bias]["variance"][[0, OUT]].eq(0).all()
+    train(layer, opt, x, y, 2)
+    layer.grow(3, optimizer=opt)  # past capacity
+    assert state["row_var"].shape == (layer.capacity, 1) and state["col_var"].shape == (1, IN)
+    assert opt.state[layer.bias]["variance"].shape == (layer.capacity,)
+    losses = train(layer, opt, x, y, 5)
+    assert all(math.isfinite(v) for v in losses)
+
+
 # ----------------------------------------------------------------------------- forgetting the optimizer
 
 
