@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Union
 
@@ -682,52 +683,90 @@ class GrowRows(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        names = list(self._row_params())
-        first_key = prefix + names[0]
-        active_key, extra_key = prefix + "active", prefix + "_extra_state"
+        # The load pre-hooks run first, as nn.Module runs them before it reads any key: a
+        # hook that renames or converts keys does so before the rows are fitted. They are
+        # set aside while nn.Module's part runs, so that each runs once.
+        hooks = self._load_state_dict_pre_hooks
+        for hook in hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._load_state_dict_pre_hooks = OrderedDict()
+        try:
+            if self._fit_checkpoint(state_dict, prefix, error_msgs):
+                super()._load_from_state_dict(
+                    state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+                )
+        finally:
+            self._load_state_dict_pre_hooks = hooks
+
+    def _fit_checkpoint(self, state_dict: dict, prefix: str, error_msgs: list) -> bool:
+        """Makes this layer's entries of ``state_dict`` fit its capacity, before they load.
+
+        Per-row tensors of another row count are fitted (:meth:`_fit_rows_in_place`); a stock
+        layer's checkpoint (no mask, no extra state) gets a mask with every row live. Returns
+        False, with the errors recorded, where the checkpoint cannot load (a row of another
+        size, more slots in use than the capacity): then nothing of this layer is loaded, so
+        a failed load leaves it as it was.
+        """
         # Written before per-row step counts moved into the optimizer's state: dropped, so
         # a strict load still accepts the checkpoint.
         state_dict.pop(prefix + "row_start_step", None)
-        weight = state_dict.get(first_key)
-        if isinstance(weight, Tensor) and weight.dim() >= 1:
-            rows = weight.shape[0]
-            if active_key not in state_dict and extra_key not in state_dict:
-                # A stock layer's checkpoint (nn.Linear, nn.Embedding): every row is live.
-                state_dict[active_key] = torch.ones(rows, dtype=torch.bool, device=weight.device)
-                state_dict[extra_key] = torch.tensor([rows], dtype=torch.int64)
-            extra = state_dict.get(extra_key)
-            used = _read_extra_state(extra)[0] if extra is not None else None
-            if used is not None and used > self.capacity:
-                error_msgs.append(
-                    f"{type(self).__name__} {prefix or '(root)'}: checkpoint has {used} slots "
-                    f"in use, which does not fit this layer's capacity {self.capacity}"
+        current = {name: p for name, p in self._row_params().items() if p is not None}
+        current["active"] = self.active
+        saved_rows, mismatched = {}, []
+        for name, own in current.items():
+            saved = state_dict.get(prefix + name)
+            if not isinstance(saved, Tensor):
+                continue
+            if saved.dim() != own.dim() or saved.dim() == 0 or saved.shape[1:] != own.shape[1:]:
+                mismatched.append(
+                    f"size mismatch for {prefix}{name}: copying a param with shape {saved.shape} from "
+                    f"checkpoint, the shape in current model is {own.shape}."
                 )
-                return
-            if rows != self.capacity:
-                self._fit_rows_in_place(state_dict, prefix, names, rows)
-                # an optimizer state dict saved beside it has the checkpoint's row count
-                optim.note_reallocated(self._rows)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+            else:
+                saved_rows[name] = saved.shape[0]
+        if mismatched:
+            error_msgs.extend(mismatched)
+            return False
+        if not saved_rows:
+            return True
+        first = next(iter(saved_rows))
+        active_key, extra_key = prefix + "active", prefix + "_extra_state"
+        if active_key not in state_dict and extra_key not in state_dict:
+            # A stock layer's checkpoint (nn.Linear, nn.Embedding): every row is live.
+            rows, device = saved_rows[first], state_dict[prefix + first].device
+            state_dict[active_key] = torch.ones(rows, dtype=torch.bool, device=device)
+            state_dict[extra_key] = torch.tensor([rows], dtype=torch.int64)
+            saved_rows["active"] = rows
+        extra = state_dict.get(extra_key)
+        used = _read_extra_state(extra)[0] if extra is not None else None
+        if used is not None and used > self.capacity:
+            error_msgs.append(
+                f"{type(self).__name__} {prefix or '(root)'}: checkpoint has {used} slots "
+                f"in use, which does not fit this layer's capacity {self.capacity}"
+            )
+            return False
+        if any(rows != self.capacity for rows in saved_rows.values()):
+            self._fit_rows_in_place(state_dict, prefix, saved_rows)
+            # an optimizer state dict saved beside it has the checkpoint's row count
+            optim.note_reallocated(self._rows)
+        return True
 
-    def _fit_rows_in_place(self, state_dict: dict, prefix: str, names: list[str], rows: int) -> None:
-        """Rewrites a checkpoint's per-row tensors to this layer's capacity.
+    def _fit_rows_in_place(self, state_dict: dict, prefix: str, saved_rows: dict[str, int]) -> None:
+        """Rewrites a checkpoint's per-row tensors (``saved_rows``: name -> rows) to this
+        layer's capacity.
 
         The first ``min(rows, capacity)`` rows come from the checkpoint; rows past the
         checkpoint keep this layer's own values (zero if it has none yet, on meta) and are
         not live.
         """
-        keep = min(rows, self.capacity)
         current = dict(self._row_params())
         current["active"] = self.active
-        for name, own in current.items():
-            key = prefix + name
-            saved = state_dict.get(key)
-            if not isinstance(saved, Tensor) or own is None or saved.dim() != own.dim():
+        for name, rows in saved_rows.items():
+            own, key = current[name], prefix + name
+            if rows == self.capacity:
                 continue
-            if saved.shape[1:] != own.shape[1:]:
-                continue  # left for the usual size-mismatch error
+            saved = state_dict[key]
+            keep = min(rows, self.capacity)
             fitted = saved.new_zeros((self.capacity, *saved.shape[1:]))
             if name != "active" and not own.is_meta:
                 fitted.copy_(own.detach())

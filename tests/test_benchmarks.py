@@ -41,7 +41,7 @@ def bench_linear(monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def test_cuda_table_rows_crossover_and_csv_run_on_the_cpu(bench_linear, tmp_path, capsys):
+def test_gpu_table_rows_crossover_and_csv_run_on_the_cpu(bench_linear, tmp_path, capsys):
     gen = torch.Generator().manual_seed(0)
     rows = [bench_linear.bench_cuda_case(dtype, mask, warmup=1, repeats=1, gen=gen, device="cpu")
             for dtype in ("bf16", "tf32") for mask in bench_linear.CUDA_MASKS]

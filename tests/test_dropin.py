@@ -173,6 +173,51 @@ def test_meta_build_then_assign_load_of_a_growlinear_checkpoint_then_grow():
 # ------------------------------------------------------------------ tensor-only state dicts
 
 
+def test_load_pre_hooks_run_before_the_rows_are_fitted():
+    """A pre-hook that renames keys works as on nn.Linear, at equal or other capacities."""
+    def rename(module, state_dict, prefix, *args):
+        state_dict[prefix + "weight"] = state_dict.pop(prefix + "w")
+        state_dict[prefix + "bias"] = state_dict.pop(prefix + "b")
+
+    weight, bias = torch.randn(3, 5), torch.randn(3)
+    for capacity in (3, 8):
+        layer = GrowLinear(5, 3, capacity=capacity)
+        layer.register_load_state_dict_pre_hook(rename)
+        stock = nn.Linear(5, 3)
+        stock.register_load_state_dict_pre_hook(rename)
+        for module in (layer, stock):
+            module.load_state_dict({"w": weight, "b": bias})
+        x = torch.randn(2, 5)
+        torch.testing.assert_close(layer(x), stock(x))
+        calls = []
+        layer.register_load_state_dict_pre_hook(lambda *args: calls.append(1))
+        layer.load_state_dict({"w": weight, "b": bias})
+        assert calls == [1]  # once, not again inside nn.Module's part
+
+
+def test_partial_checkpoint_without_the_weight_loads_as_on_nn_linear():
+    layer, stock = GrowLinear(4, 3, capacity=6), nn.Linear(4, 3)
+    keys = [module.load_state_dict({"bias": torch.arange(3.0)}, strict=False) for module in (layer, stock)]
+    assert keys[0].missing_keys == keys[1].missing_keys == ["weight"]
+    torch.testing.assert_close(layer.bias[:3], stock.bias)
+
+
+@pytest.mark.parametrize("source", [lambda: nn.Linear(4, 3), lambda: GrowLinear(4, 3, capacity=4)],
+                         ids=["nn_linear", "growlinear"])
+def test_a_load_that_fails_leaves_the_layer_as_it_was(source):
+    """Rows of another size cannot load: the error names the shapes, and nothing of the
+    layer changed (its slots in use, mask, bias and weight)."""
+    layer = grown_layer()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    out_features, live = layer.out_features, layer._live_count
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: copying a param with shape "
+                                           r"torch.Size\(\[\d+, 4\]\) from checkpoint"):
+        layer.load_state_dict(source().state_dict())
+    assert (layer.out_features, layer._live_count) == (out_features, live)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_state_dict_holds_tensors_only():
     state = grown_layer().state_dict()
     assert all(isinstance(v, torch.Tensor) for v in state.values()), {k: type(v) for k, v in state.items()}

@@ -48,9 +48,19 @@ def poison_allocator(device: str) -> None:
     del blocks
 
 
+def _moved(t: torch.Tensor, device: str) -> torch.Tensor:
+    """`t` on `device` with its strides: a strided view stays strided (``.to()`` would
+    make it dense, and the kernels' strided paths would go untested there)."""
+    t = t.detach()
+    if t.device.type == device or 0 in t.stride():
+        return t.to(device)
+    copy = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+    return copy.copy_(t)
+
+
 def to(device: str, *tensors, requires_grad: bool = False):
     """Copies (or, on the CPU, fresh views) of the tensors on `device`, strides kept."""
-    moved = [t.detach().to(device) if t is not None else None for t in tensors]
+    moved = [_moved(t, device) if t is not None else None for t in tensors]
     if requires_grad:
         moved = [t.requires_grad_() if t is not None else None for t in moved]
     return moved
@@ -341,7 +351,7 @@ def packed_forward_and_grads(*args):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("kind", ["all", "prefix", "random", "mixed", "sparse", "single", "none"])
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
-def test_cuda_paths_match_reference_on_the_cpu(path, dtype, kind, has_bias):
+def test_gpu_paths_match_reference_on_the_cpu(path, dtype, kind, has_bias):
     """The arithmetic of the paths CUDA takes, run on the CPU: gather on packed rows (pack
     the live rows, GEMM, spread back) and dense through an aligned block. Values and
     gradients against the reference, dead columns exactly the fill, dead rows' gradients
