@@ -16,6 +16,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/library.h>
 
 #include <array>
@@ -436,7 +437,9 @@ PyObject* masked_linear_binding(PyObject* /*module*/, PyObject* args) {
     }
   }
   std::optional<int64_t> count;
-  if (live_count != Py_None) {
+  // A traced graph (torch.jit.trace) runs later, on the mask as it is then: no count
+  // baked into it.
+  if (live_count != Py_None && !torch::jit::tracer::isTracing()) {
     count = PyLong_AsLongLong(live_count);
     if (PyErr_Occurred()) {
       return nullptr;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.parameter import Parameter
 from torch.nn.utils import skip_init
 
@@ -135,7 +136,11 @@ class GrowEmbedding(GrowRows, nn.Embedding):
     def forward(self, input: Tensor) -> Tensor:
         if self.sparse:
             raise RuntimeError(_SPARSE_UNSUPPORTED)
-        self._check_ids(input)
+        active = self._buffers.get("active")  # the tensor itself, also under torch.fx
+        if not torch.compiler.is_compiling() and active is not None:
+            if active._version != self._mask_version:
+                self._follow_mask_writes(active)
+        input = self._check_ids(input)
         return F.embedding(
             input,
             self.weight,
@@ -246,21 +251,31 @@ class GrowEmbedding(GrowRows, nn.Embedding):
 
     # ------------------------------------------------------------------ internals
 
-    def _check_ids(self, input: Tensor) -> None:
-        """Raises unless every id is live, before any row is read."""
-        if input.is_floating_point() or input.is_complex() or input.dtype == torch.bool:
-            return  # F.embedding gives its own error for non-integer ids
+    def _check_ids(self, input: Tensor) -> Tensor:
+        """Raises unless every id is live, before any row is read; returns the ids."""
+        # A graph traced (torch.jit.trace, torch.fx) or exported runs later, on the mask as it
+        # is then: it checks ids against the mask in tensor ops, always. torch.compile guards
+        # on the live count instead, so it checks the mask only where some rows are dead.
+        recorded = torch.jit.is_tracing() or is_fx_symbolic_tracing() or torch.compiler.is_exporting()
+        if not is_fx_symbolic_tracing() and (
+            input.is_floating_point() or input.is_complex() or input.dtype == torch.bool
+        ):
+            return input  # F.embedding gives its own error for non-integer ids
         used = self.num_embeddings
         all_live = self._live_count == used
-        if input.device.type != "cpu" or torch.compiler.is_compiling():
+        if recorded or input.device.type != "cpu" or torch.compiler.is_compiling():
             # No host synchronisation: a device-side assertion, as nn.Embedding's.
             ok = (input >= 0) & (input < used)
-            if not all_live:
+            if recorded or not all_live:
                 ok &= self.active[input.clamp(0, self.capacity - 1)]
             torch._assert_async(ok.all(), "GrowEmbedding: an id is out of range or not live")
-            return
+            if torch.jit.is_tracing():
+                # torch.jit.trace drops ops whose results go unused, the assertion among
+                # them: an id that fails the check becomes -1, which the lookup refuses.
+                return torch.where(ok, input, -1)
+            return input
         if input.numel() == 0:
-            return
+            return input
         low, high = torch.aminmax(input)
         low, high = int(low), int(high)
         if low < 0 or high >= used:
@@ -277,3 +292,4 @@ class GrowEmbedding(GrowRows, nn.Embedding):
                     f"GrowEmbedding: id {bad} is a deactivated row; reactivate({bad}) it "
                     "before looking it up"
                 )
+        return input

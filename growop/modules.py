@@ -130,6 +130,8 @@ class GrowLinear(GrowRows, nn.Linear):
         active = self._buffers.get("active")
         if active is None:
             active = self.active
+        if active._version != self._mask_version:
+            self._follow_mask_writes(active)
         width = weight.shape[0] if self.static_shape else self.out_features
         return ops.masked_linear(input, weight, bias, active, width, self.mask_value, self._live_count)
 

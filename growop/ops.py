@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from growop import _extension
 
@@ -89,6 +90,9 @@ def masked_linear(
         out = _masked_linear_binding(input, weight, bias, active, width, mask_value, _strategy, live_count)
         if out is not NotImplemented:
             return out
+        if is_fx_symbolic_tracing():
+            live_count = None  # a graph runs later, on the mask as it is then (the binding
+            # drops the count under torch.jit.trace likewise)
     return _masked_linear_op(input, weight, bias, active, width, mask_value, _strategy, live_count)
 
 

@@ -18,6 +18,7 @@ Parameters (:meth:`GrowRows._row_params`), how a fresh row of them is drawn
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections import OrderedDict
@@ -52,6 +53,21 @@ def resolved_capacity(capacity: int | None, used: int, owner: str, used_name: st
     if capacity < used:
         raise ValueError(f"{owner}: capacity ({capacity}) must be >= {used_name} ({used})")
     return capacity
+
+
+def _outside_inference_mode(method):
+    """Runs ``method`` with inference mode off: what a grow makes (reallocated Parameters,
+    masks, optimizer state) outlives the ``torch.inference_mode()`` block it may be called
+    in, and inference tensors there would fail the training that follows."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return method(*args, **kwargs)
+        with torch.inference_mode(False):
+            return method(*args, **kwargs)
+
+    return run
 
 
 class RowSet:
@@ -95,6 +111,31 @@ class RowSet:
         for member in self.members:
             setattr(member, member._used_attr, used)
             member._live_count = live
+        self.note_masks()
+
+    def note_masks(self) -> None:
+        """Records each member's mask version after growop wrote it: a later version means
+        something else wrote the mask (see :meth:`adopt_mask`)."""
+        for member in self.members:
+            member._mask_version = member.active._version
+
+    def adopt_mask(self, member: GrowRows) -> None:
+        """Counts (and the other members' masks) from ``member``'s mask, which something
+        other than growop wrote: an EMA or ``AveragedModel`` update copies buffers, not the
+        slots in use. ``live`` is exact; ``used`` becomes at least one past the last live
+        row (slots past it that are dead cannot be told from slots never grown). Reads the
+        mask on the host: a device sync, once per such write."""
+        mask = member.active
+        if mask.is_meta:
+            self.note_masks()
+            return
+        rows = mask.nonzero()
+        last = int(rows[-1]) + 1 if rows.numel() else 0
+        with torch.no_grad():
+            for other in self.members:
+                if other is not member and other.active.shape == mask.shape:
+                    other.active.copy_(mask)
+        self._set_counts(max(self.used, last), rows.numel())
 
     def _write_mask(self, index, value: bool) -> None:
         with torch.no_grad():
@@ -120,12 +161,14 @@ class RowSet:
                 raise RuntimeError(reason)
         return params
 
+    @_outside_inference_mode
     def reserve(self, capacity: int, optimizer, allow_reallocation: bool) -> None:
         capacity = checked_int(capacity, "reserve: capacity", 1)
         self._checked_growth(capacity, optimizer, allow_reallocation)
         if capacity > self.capacity:
             self.reallocate(capacity, optimizer)
 
+    @_outside_inference_mode
     def grow(self, k: int, init: RowInit, optimizer, allow_reallocation: bool) -> range:
         k = checked_int(k, "grow: k", 1)
         start, stop = self.used, self.used + k
@@ -162,6 +205,7 @@ class RowSet:
             optim.start_rows(optimizer, params, torch.arange(start, stop))
         return range(start, stop)
 
+    @_outside_inference_mode
     def set_live(self, rows: Rows, live: bool, optimizer, method: str) -> None:
         """Masks (``live=False``) or unmasks existing rows; with ``optimizer`` their state
         is zeroed, and unmasked rows start a fresh step count."""
@@ -176,6 +220,7 @@ class RowSet:
             if live:
                 optim.start_rows(optimizer, params, index)
 
+    @_outside_inference_mode
     def resize_optimizer_state(self, optimizer) -> None:
         params = self.params()
         optim.check_holds(optimizer, params)
@@ -216,6 +261,7 @@ class RowSet:
                 param.grad = grad
         for member, mask in zip(self.members, masks):
             member.active = mask
+        self.note_masks()
         if optimizer is not None:
             optim.resize_state(optimizer, params)
         optim.note_reallocated(self)
@@ -352,6 +398,9 @@ class GrowRows(nn.Module):
     """
 
     _used_attr = "out_features"
+    # The mask's version when growop last wrote it; the class default stands for a layer
+    # unpickled from a version that did not record it (its first forward adopts the mask).
+    _mask_version = -1
 
     active: Tensor
     _live_count: int
@@ -366,6 +415,7 @@ class GrowRows(nn.Module):
         )
         self._rows = RowSet(self, used)
         self._live_count = used
+        self._mask_version = self.active._version
 
     # ------------------------------------------------------------------ for subclasses
 
@@ -494,6 +544,13 @@ class GrowRows(nn.Module):
             "that to_linear() / to_embedding() returns."
         )
 
+    def _follow_mask_writes(self, active: Tensor) -> None:
+        """Eager forwards call this first: if something other than growop wrote the mask
+        (an EMA update copying buffers), the counts follow it (:meth:`RowSet.adopt_mask`).
+        Reading the version costs no sync."""
+        if active._version != self._mask_version:
+            self._rows.adopt_mask(self)
+
     # ------------------------------------------------------------------ device moves
 
     def _apply(self, fn, recurse=True):
@@ -519,6 +576,7 @@ class GrowRows(nn.Module):
                     self._rows._set_counts(used, used)
                 else:
                     active.copy_(old_active)
+                    self._rows.note_masks()
             if seed is not None and old_seed is not None and seed is not old_seed and not seed.is_meta:
                 if old_seed.is_meta:
                     seed.fill_(int(torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64)))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 import tempfile
 
 import pytest
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
@@ -250,6 +252,51 @@ def test_ema_loop_over_state_dict_values():
     torch.testing.assert_close(ema(x), model(x))
 
 
+@pytest.mark.parametrize("use_buffers", [True, False])
+def test_averaged_model_follows_grows_made_after_it_was_built(use_buffers):
+    """AveragedModel (and EMA loops like it) copies buffers, the mask among them, but not
+    the slots in use: the copy's counts follow the mask it was given."""
+    from torch.optim.swa_utils import AveragedModel
+
+    layer = GrowLinear(4, 3, capacity=8)
+    ema = AveragedModel(layer, use_buffers=use_buffers)
+    layer.grow(2)
+    layer.deactivate([0])
+    ema.update_parameters(layer)
+    x = torch.randn(2, 4)
+    assert ema(x).shape == layer(x).shape == (2, 5)
+    assert ema.module._live_count == layer._live_count == 4
+    torch.testing.assert_close(ema(x), layer(x))
+
+
+def test_ema_loop_follows_grows_made_after_the_copy():
+    model = nn.Sequential(nn.Linear(4, 5), GrowLinear(5, 3, capacity=8))
+    ema = copy.deepcopy(model)
+    model[1].grow(1)
+    with torch.no_grad():  # timm ModelEmaV2's update
+        for ema_v, model_v in zip(ema.state_dict().values(), model.state_dict().values()):
+            ema_v.copy_(ema_v * 0.9 + (1 - 0.9) * model_v if ema_v.is_floating_point() else model_v)
+    x = torch.randn(2, 4)
+    assert ema(x).shape == model(x).shape == (2, 4)
+
+
+def test_grow_inside_inference_mode_leaves_trainable_tensors():
+    """A grow called under torch.inference_mode() (say, while evaluating) makes no inference
+    tensors: reallocated Parameters, masks and optimizer state still train."""
+    layer = GrowLinear(4, 3, capacity=4)
+    opt = torch.optim.Adam(layer.parameters())
+    layer(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    with torch.inference_mode():
+        layer.grow(3, optimizer=opt)  # past capacity
+        layer.deactivate([0], optimizer=opt)
+    state = [v for v in opt.state[layer.weight].values() if isinstance(v, torch.Tensor)]
+    assert not any(t.is_inference() for t in (layer.weight, layer.bias, layer.active, *state))
+    opt.zero_grad()
+    layer(torch.randn(2, 4)).sum().backward()
+    opt.step()
+
+
 def test_checkpoint_with_a_dict_extra_state_loads_strictly():
     source = grown_layer()
     state = dict(source.state_dict())
@@ -471,6 +518,12 @@ def test_trace_works_and_script_is_refused():
     x = torch.randn(2, 4)
     traced = torch.jit.trace(layer, x)
     torch.testing.assert_close(traced(x), layer(x))
+    # A traced or symbolically traced graph runs later, on the mask as it is then: no live
+    # count is baked into it (on CUDA a stale one would be a device-side assert).
+    call = next(n for n in traced.graph.nodes() if n.kind() == "growop::masked_linear")
+    live_count = list(call.inputs())[-1].node()
+    assert live_count.kind() == "prim::Constant" and live_count.output().type().kind() == "NoneType"
+    assert "'auto', None)" in torch.fx.symbolic_trace(layer).code
     with pytest.raises(RuntimeError, match="torch.jit.script.*trace"):
         torch.jit.script(layer)
     with pytest.raises(RuntimeError, match="torch.jit.script"):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -354,3 +357,38 @@ def test_compiled_lookup_asserts_on_the_device_instead_of_syncing():
     for bad in (4, V, -1):
         with pytest.raises(RuntimeError, match="out of range or not live"):
             compiled(ids(1, bad))
+
+
+@pytest.mark.parametrize("how", ["jit_trace", "fx", "export"])
+def test_recorded_graphs_check_ids_against_the_mask_when_they_run(how):
+    """A traced, symbolically traced or exported lookup runs later, on the mask as it is
+    then: it refuses an id out of range, and one deactivated after recording (recorded
+    while every row was live, so no Python branch may leave the mask check out)."""
+    emb = make()
+    example = ids(1, 2)
+    if how == "jit_trace":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python values
+            graph = torch.jit.trace(emb, example)
+    elif how == "fx":
+        graph = torch.fx.symbolic_trace(emb)
+    else:
+        graph = torch.export.export(emb, (example,)).module()
+    torch.testing.assert_close(graph(ids(1, 9)), emb.weight[[1, 9]])
+    emb.deactivate([4])
+    for bad in (4, V, -1):
+        with pytest.raises((RuntimeError, IndexError, AssertionError)):
+            graph(ids(1, bad))
+
+
+def test_lookup_follows_a_mask_copied_in_by_an_ema_update():
+    source = make()
+    copy_of_it = make()
+    source.grow(2)
+    source.deactivate([3])
+    with torch.no_grad():
+        copy_of_it.active.copy_(source.active)  # what AveragedModel does to buffers
+    assert torch.equal(copy_of_it(ids(10, 11)), copy_of_it.weight[[10, 11]])
+    with pytest.raises(IndexError, match="id 3 is a deactivated row"):
+        copy_of_it(ids(3))
+    assert (copy_of_it.num_embeddings, copy_of_it._live_count) == (12, 11)
