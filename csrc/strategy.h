@@ -43,9 +43,16 @@ constexpr double kCudaCrossover = 1.2;
 constexpr double kCudaKernelsCrossover = 10.0;
 // Below this many multiply-adds saved per call (dead rows x batch x
 // in_features) gather's fixed cost outweighs what it saves: a small head is
-// one dense GEMM (on the CPU gather costs a (128, 64 -> 12) call about twice
-// what dense does).
-constexpr int64_t kMinSavedWork = int64_t{1} << 16;
+// one dense GEMM. On the CPU, measured: gather costs a (128, 64 -> 12) call
+// about twice what dense does.
+constexpr int64_t kCpuMinSavedWork = int64_t{1} << 16;
+// On CUDA, estimated from launch counts (to be measured): gather's fixed cost
+// is about 40 small kernels per forward+backward (the layout, the packing and
+// spreading passes), some 100 us, against dense's handful; dense spends the
+// saved multiply-adds three times (forward and both gradients) at 100 to 300
+// TMAC/s on a Hopper GPU's tensor cores. They break even near 2^32 saved
+// multiply-adds, so a head of a few thousand rows stays one cuBLAS GEMM.
+constexpr int64_t kCudaMinSavedWork = int64_t{1} << 32;
 
 // `num_live`: the live rows among the first `width`, if known without a
 // device-to-host sync; without it `auto` takes dense. `row_work`: the
@@ -68,8 +75,12 @@ inline Path choose_path(
   TORCH_CHECK(
       strategy == "auto",
       op, ": strategy must be 'auto', 'dense' or 'gather', got '", strategy, "'");
+  const int64_t min_saved_work =
+      device == c10::DeviceType::CUDA ? kCudaMinSavedWork : kCpuMinSavedWork;
+  // In double: dead rows x batch x in_features can pass 2^63.
   if (!num_live.has_value() ||
-      (width - *num_live) * row_work < kMinSavedWork) {
+      static_cast<double>(width - *num_live) * static_cast<double>(row_work) <
+          static_cast<double>(min_saved_work)) {
     return Path::kDense;
   }
   const double crossover = crossover_override.value_or(

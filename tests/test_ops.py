@@ -468,17 +468,23 @@ def test_environment_variable_sets_the_strategy_at_import():
     assert "GROWOP_STRATEGY must be one of auto, dense, gather; got 'fastest'" in bad.stderr
 
 
-def _grad_input_reads_dead_rows(device: str, live: int, live_count=None) -> bool:
+# (capacity, in_features, batch) with enough work for gather to be worth it: on CUDA at
+# least 2^32 multiply-adds saved when 1 row in 32 is live (csrc/strategy.h)
+SAVED_WORK_SHAPE = {"cpu": (64, 512, 4), "cuda": (2048, 8192, 512)}
+
+
+def _grad_input_reads_dead_rows(device: str, live_fraction: float, live_count: bool = False) -> bool:
     """Whether a call multiplied rows that are not live, seen through a NaN in a dead row:
     dense multiplies every row below width (the mask zeroes the gradient columns, and
-    0 * NaN is NaN), gather never reads a dead row."""
-    capacity, in_features, batch = 64, 512, 4  # enough work for gather to be worth it
+    0 * NaN is NaN), gather never reads a dead row. `live_count`: pass the count."""
+    capacity, in_features, batch = SAVED_WORK_SHAPE[device]
+    live = round(capacity * live_fraction)
     active = torch.zeros(capacity, dtype=torch.bool, device=device)
     active[torch.arange(live, device=device) * (capacity // live)] = True
     weight = torch.randn(capacity, in_features, device=device)
     weight[~active] = float("nan")
     x = torch.randn(batch, in_features, device=device, requires_grad=True)
-    out = ops.masked_linear(x, weight, None, active, capacity, live_count=live_count)
+    out = ops.masked_linear(x, weight, None, active, capacity, live_count=live if live_count else None)
     assert torch.isfinite(out[:, active]).all() and torch.all(out[:, ~active] == torch.finfo(torch.float32).min)
     (grad_input,) = torch.autograd.grad(out, x, torch.ones_like(out))
     return bool(grad_input.isnan().any())
@@ -488,24 +494,27 @@ def test_auto_takes_dense_where_most_rows_are_live_and_gather_where_few_are(devi
     """The rule (csrc/strategy.h): dense below the crossover width / live, or where gather
     would save too little work; gather beyond it. The CPU counts the mask itself; CUDA
     decides from the caller's live_count and, without one, takes dense."""
-    reads_dead = lambda live, hint=None: _grad_input_reads_dead_rows(device, live, hint)  # noqa: E731
+    reads_dead = lambda fraction, hint=False: _grad_input_reads_dead_rows(device, fraction, hint)  # noqa: E731
     with growop.strategy("dense"):
-        assert reads_dead(2)
+        assert reads_dead(1 / 32)
     with growop.strategy("gather"):
-        assert not reads_dead(32)
+        assert not reads_dead(1 / 2)
     with growop.strategy("auto"):
-        assert reads_dead(60, 60)  # width / live = 16/15: dense
-        assert not reads_dead(2, 2)  # width / live = 32: gather
-        assert reads_dead(2) == (device == "cuda")  # no hint: the CPU counts, CUDA takes dense
-        # A small call is dense whatever the ratio: gather's fixed cost would outweigh it.
-        active = torch.zeros(12, dtype=torch.bool, device=device)
+        assert reads_dead(15 / 16, True)  # width / live = 16/15: dense
+        assert not reads_dead(1 / 32, True)  # width / live = 32: gather
+        assert reads_dead(1 / 32) == (device == "cuda")  # no count: the CPU counts, CUDA takes dense
+        # A small call is dense whatever the ratio: gather's fixed cost would outweigh it
+        # (on CUDA, a head of a few thousand rows is small).
+        small = {"cpu": (12, 64, 8), "cuda": (1200, 1024, 256)}[device]
+        capacity, in_features, batch = small
+        active = torch.zeros(capacity, dtype=torch.bool, device=device)
         active[:2] = True
-        weight = torch.randn(12, 64, device=device)
+        weight = torch.randn(capacity, in_features, device=device)
         weight[2:] = float("nan")
-        x = torch.randn(8, 64, device=device, requires_grad=True)
-        out = ops.masked_linear(x, weight, None, active, 12, live_count=2)
+        x = torch.randn(batch, in_features, device=device, requires_grad=True)
+        out = ops.masked_linear(x, weight, None, active, capacity, live_count=2)
         (grad_input,) = torch.autograd.grad(out, x, torch.ones_like(out))
-        assert grad_input.isnan().any(), "(12 - 2) x 8 x 64 multiply-adds saved: too few for gather"
+        assert grad_input.isnan().any(), f"{small}: too few multiply-adds saved for gather"
 
 
 # --------------------------------------------------------------------------- autograd
