@@ -13,8 +13,8 @@
 #   4. benchmark: python benchmarks/bench_linear.py --device cuda (a row per strategy and
 #      mask, bf16 and TF32, the dense/gather crossover R* on this GPU, grow latency);
 #   5. profile: where forward+backward's GPU time goes, kernel by kernel, in bf16 at 50%
-#      fragmented and at the prefix mask (with and without static_shape), beside nn.Linear
-#      (bench_linear.py --device cuda --profile; log only);
+#      fragmented, at the prefix mask (with and without static_shape) and for a small head,
+#      beside nn.Linear (bench_linear.py --device cuda --profile; log only);
 #   6. the main job: python -m growop.demo --device cuda --quick;
 #   7. compute-sanitizer memcheck over the gather kernels' odd-size and fragmented-mask
 #      tests, where compute-sanitizer exists and time is left;
@@ -219,7 +219,7 @@ if [[ "$BUILT" == 1 ]] && run_step profile; then
   step "profile: bench_linear.py --device cuda --profile"
   if PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout "$(budget 45)" \
       "$PY" benchmarks/bench_linear.py --device cuda --profile --dtypes bf16 \
-      --masks fragmented50 prefix >"$LOGS/profile.log" 2>&1; then
+      --masks fragmented50 prefix small50 >"$LOGS/profile.log" 2>&1; then
     record profile "ok (kernel tables: $LOGS/profile.log)"
   else
     record profile "failed or out of time (see $LOGS/profile.log)"
