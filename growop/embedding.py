@@ -138,8 +138,8 @@ class GrowEmbedding(GrowRows, nn.Embedding):
             raise RuntimeError(_SPARSE_UNSUPPORTED)
         active = self._buffers.get("active")  # the tensor itself, also under torch.fx
         if not torch.compiler.is_compiling() and active is not None:
-            if active._version != self._mask_version:
-                self._follow_mask_writes(active)
+            if active is not self._mask_seen or active._version != self._mask_version:
+                self._live_count_for(active)
         input = self._check_ids(input)
         return F.embedding(
             input,
@@ -262,7 +262,8 @@ class GrowEmbedding(GrowRows, nn.Embedding):
         ):
             return input  # F.embedding gives its own error for non-integer ids
         used = self.num_embeddings
-        all_live = self._live_count == used
+        # A mask swapped in for this call (functional_call) is not the one counted.
+        all_live = self._live_count == used and self.active is self._mask_seen
         if recorded or input.device.type != "cpu" or torch.compiler.is_compiling():
             # No host synchronisation: a device-side assertion, as nn.Embedding's.
             ok = (input >= 0) & (input < used)

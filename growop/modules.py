@@ -130,10 +130,12 @@ class GrowLinear(GrowRows, nn.Linear):
         active = self._buffers.get("active")
         if active is None:
             active = self.active
-        if active._version != self._mask_version:
-            self._follow_mask_writes(active)
+        if active is self._mask_seen and active._version == self._mask_version:
+            live_count = self._live_count
+        else:
+            live_count = self._live_count_for(active)
         width = weight.shape[0] if self.static_shape else self.out_features
-        return ops.masked_linear(input, weight, bias, active, width, self.mask_value, self._live_count)
+        return ops.masked_linear(input, weight, bias, active, width, self.mask_value, live_count)
 
     def _masked_linear(self, input: Tensor, width: int, live_count: int | None) -> Tensor:
         return functional.masked_linear(

@@ -114,9 +114,11 @@ class RowSet:
         self.note_masks()
 
     def note_masks(self) -> None:
-        """Records each member's mask version after growop wrote it: a later version means
-        something else wrote the mask (see :meth:`adopt_mask`)."""
+        """Records each member's mask, and its version, after growop wrote it: a later
+        version of the same tensor means something else wrote it (see :meth:`adopt_mask`);
+        another tensor in its place was swapped in for a call (``functional_call``)."""
         for member in self.members:
+            member._mask_seen = member.active
             member._mask_version = member.active._version
 
     def adopt_mask(self, member: GrowRows) -> None:
@@ -398,8 +400,9 @@ class GrowRows(nn.Module):
     """
 
     _used_attr = "out_features"
-    # The mask's version when growop last wrote it; the class default stands for a layer
-    # unpickled from a version that did not record it (its first forward adopts the mask).
+    # The mask tensor and its version when growop last wrote it (RowSet.note_masks); the
+    # class defaults stand for a layer unpickled from a version that did not record them.
+    _mask_seen: Tensor | None = None
     _mask_version = -1
 
     active: Tensor
@@ -415,7 +418,7 @@ class GrowRows(nn.Module):
         )
         self._rows = RowSet(self, used)
         self._live_count = used
-        self._mask_version = self.active._version
+        self._rows.note_masks()
 
     # ------------------------------------------------------------------ for subclasses
 
@@ -544,12 +547,21 @@ class GrowRows(nn.Module):
             "that to_linear() / to_embedding() returns."
         )
 
-    def _follow_mask_writes(self, active: Tensor) -> None:
-        """Eager forwards call this first: if something other than growop wrote the mask
-        (an EMA update copying buffers), the counts follow it (:meth:`RowSet.adopt_mask`).
-        Reading the version costs no sync."""
+    def _live_count_for(self, active: Tensor) -> int | None:
+        """The host-side live count where it describes ``active``, the mask a forward is
+        given; eager forwards ask when ``active`` is not the mask growop last wrote, as it
+        left it (checking that costs no sync). The layer's own mask written by something
+        else (an EMA update copying buffers): the counts follow it
+        (:meth:`RowSet.adopt_mask`). Another tensor in its place, swapped in for one call
+        (``functional_call``, ``stack_module_state`` under ``vmap``): no count (None)."""
+        if active is not self._mask_seen:
+            if self._mask_seen is None and active is self._buffers.get("active"):
+                self._rows.adopt_mask(self)  # unpickled from a version that kept no record
+                return self._live_count
+            return None
         if active._version != self._mask_version:
             self._rows.adopt_mask(self)
+        return self._live_count
 
     # ------------------------------------------------------------------ device moves
 

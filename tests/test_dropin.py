@@ -280,6 +280,37 @@ def test_ema_loop_follows_grows_made_after_the_copy():
     assert ema(x).shape == model(x).shape == (2, 4)
 
 
+def test_a_mask_swapped_in_for_one_call_is_not_taken_for_the_layer_s_own():
+    """functional_call and model ensembling (stack_module_state under vmap) hand forward
+    another mask tensor for one call: it is followed as given, with no live count (which
+    describes the layer's own mask), and the layer's counts stay as they were."""
+    from torch.func import stack_module_state, vmap
+
+    x = torch.randn(2, 4)
+    layer = GrowLinear(4, 3, capacity=6)
+    mask = layer.active.clone()
+    mask[1] = False
+    out = functional_call(layer, {"active": mask}, (x,))
+    assert torch.all(out[:, 1] == torch.finfo(torch.float32).min) and torch.isfinite(out[:, [0, 2]]).all()
+    assert layer._live_count == 3 and torch.isfinite(layer(x)).all()
+
+    torch.manual_seed(0)
+    models = [GrowLinear(4, 3, capacity=6) for _ in range(3)]
+    models[1].deactivate([2])
+    params, buffers = stack_module_state(models)
+    ensemble = vmap(lambda p, b, x: functional_call(models[0], (p, b), (x,)), in_dims=(0, 0, None))
+    outs = ensemble(params, buffers, x)
+    for model, out in zip(models, outs):
+        torch.testing.assert_close(out, model(x))
+
+    embedding = growop.GrowEmbedding(5, 3, capacity=8)
+    mask = embedding.active.clone()
+    mask[2] = False
+    with pytest.raises(IndexError, match="id 2 is a deactivated row"):
+        functional_call(embedding, {"active": mask}, (torch.tensor([2]),))
+    assert embedding(torch.tensor([2])).shape == (1, 3)
+
+
 def test_grow_inside_inference_mode_leaves_trainable_tensors():
     """A grow called under torch.inference_mode() (say, while evaluating) makes no inference
     tensors: reallocated Parameters, masks and optimizer state still train."""
