@@ -192,6 +192,9 @@ class GrowLinear(GrowRows, nn.Linear):
             layer.weight[: linear.out_features].copy_(weight)
             if linear.bias is not None:
                 layer.bias[: linear.out_features].copy_(linear.bias)
+        layer.weight.requires_grad_(weight.requires_grad)  # a frozen layer stays frozen
+        if linear.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer
 
     def to_linear(self) -> nn.Linear:

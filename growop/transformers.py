@@ -74,16 +74,32 @@ def make_growable(
             f"make_growable: the head has {head.out_features} outputs but the embedding "
             f"{vocab} rows; they must describe the same vocabulary"
         )
+    for module, stock in ((embedding, nn.Embedding), (head, nn.Linear)):
+        if module is not None and hasattr(module, "_hf_hook"):
+            raise ValueError(
+                f"make_growable: the {type(module).__name__} carries an accelerate hook "
+                "(device_map or offloading), which a swapped module would lose; call "
+                "make_growable before dispatching the model"
+            )
+        if module is not None and type(module) is not stock and stock is nn.Linear and \
+                type(module).forward is not nn.Linear.forward:
+            raise TypeError(
+                f"make_growable: the output head is a {type(module).__name__}, whose forward "
+                "is not nn.Linear's; growop cannot carry it over"
+            )
     capacity = default_capacity(vocab) if capacity is None else capacity
     tied = head is not None and head.weight is embedding.weight
 
-    grow_embedding = GrowEmbedding.from_embedding(embedding, capacity=capacity)
+    grow_embedding = _growable_class(type(embedding)).from_embedding(embedding, capacity=capacity)
+    _carry_over(embedding, grow_embedding)
     grow_head = None
     if head is not None and tied:
         grow_head = _tied_head(head, grow_embedding, static_shape)
     elif head is not None:
         grow_head = GrowLinear.from_linear(head, capacity=capacity, static_shape=static_shape)
         growop.grow_together(grow_embedding, grow_head)
+    if grow_head is not None:
+        _carry_over(head, grow_head)
     model.set_input_embeddings(grow_embedding)
     if grow_head is not None:
         model.set_output_embeddings(grow_head)
@@ -91,9 +107,7 @@ def make_growable(
     # architecture name); to_plain removes it.
     model.resize_token_embeddings = types.MethodType(resize_token_embeddings, model)
     # A checkpoint of a grown model changes the live vocabulary: config follows it.
-    model._growop_load_hook = model.register_load_state_dict_post_hook(
-        lambda module, incompatible: _sync_vocab_size(module)
-    )
+    model._growop_load_hook = model.register_load_state_dict_post_hook(_after_load)
     _sync_vocab_size(model)
     return model
 
@@ -127,6 +141,15 @@ def resize_token_embeddings(
     Returns the input embedding, as transformers does.
     """
     embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    for module, grow_class in ((embedding, GrowEmbedding), (head, GrowLinear)):
+        if isinstance(getattr(module, "base_layer", None), grow_class):
+            raise TypeError(
+                f"resize_token_embeddings: the {'input embeddings' if grow_class is GrowEmbedding else 'output head'} "
+                f"are wrapped by a {type(module).__name__} (a PEFT adapter or modules_to_save), "
+                "whose own rows would keep the old vocabulary; resize before adding the adapter, "
+                "or merge it first (nothing was changed)"
+            )
     if not isinstance(embedding, GrowEmbedding):
         raise TypeError("resize_token_embeddings: call growop.transformers.make_growable(model) first")
     live = embedding.num_embeddings
@@ -145,6 +168,11 @@ def resize_token_embeddings(
     if pad_to_multiple_of is not None:
         multiple = checked_int(pad_to_multiple_of, f"{_RESIZE}: pad_to_multiple_of", 1)
         capacity = math.ceil(capacity / multiple) * multiple
+    if new > live and mean_resizing and embedding._live_count == 0:
+        raise ValueError(  # before reserve() reallocates anything
+            "resize_token_embeddings: mean_resizing needs at least one live token; "
+            "reactivate one or pass mean_resizing=False"
+        )
     embedding.reserve(capacity, optimizer=optimizer)
     if new > live:
         rows = embedding.grow(new - live, init="mean" if mean_resizing else "zeros", optimizer=optimizer)
@@ -175,7 +203,7 @@ def to_plain(model: PreTrainedModel) -> PreTrainedModel:
             "deactivated and a stock head cannot mask them; reactivate them first"
         )
     tied = isinstance(head, GrowLinear) and head.weight is embedding.weight
-    plain_embedding = embedding.to_embedding()
+    plain_embedding = _plain_embedding(embedding)
     plain_head = None
     if isinstance(head, GrowLinear):
         weight = head.weight.detach()
@@ -190,6 +218,8 @@ def to_plain(model: PreTrainedModel) -> PreTrainedModel:
         if head.bias is not None:
             with torch.no_grad():
                 plain_head.bias.copy_(head.bias.detach()[:live])
+    if plain_head is not None:
+        _carry_over(head, plain_head)
     model.set_input_embeddings(plain_embedding)
     if plain_head is not None:
         model.set_output_embeddings(plain_head)
@@ -199,6 +229,73 @@ def to_plain(model: PreTrainedModel) -> PreTrainedModel:
         hook.remove()
     _sync_vocab_size(model)
     return model
+
+
+# What a swapped module keeps of the one it replaces: its hooks (the dicts themselves, so
+# handles such as enable_input_require_grads' still remove them).
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _carry_over(old: nn.Module, new: nn.Module) -> None:
+    """What ``new`` takes over from ``old`` besides the rows: its hooks, the instance
+    attributes and buffers of a subclass (an ``embed_scale``), and transformers' mark that
+    its weights are initialised (else ``init_weights()`` would draw them again)."""
+    for name in _HOOK_DICTS:
+        if hasattr(old, name):
+            setattr(new, name, getattr(old, name))
+    for name, value in old.__dict__.items():
+        if not name.startswith("_") and name not in new.__dict__:
+            setattr(new, name, value)
+    for name, buffer in old._buffers.items():
+        if name not in new._buffers and name not in _GROWOP_BUFFERS and buffer is not None:
+            new.register_buffer(name, buffer, persistent=name not in old._non_persistent_buffers_set)
+    new._is_hf_initialized = True
+
+
+_GROWOP_BUFFERS = ("active", "_init_seed")  # growop's own, never carried to a plain module
+_GROWABLE_CLASSES: dict[type, type] = {}
+
+
+def _growable_class(cls: type) -> type:
+    """The GrowEmbedding class standing in for an ``nn.Embedding`` subclass: ``cls`` first,
+    so its ``forward`` (transformers' scaled word embeddings multiply by ``embed_scale``)
+    runs and reaches GrowEmbedding's lookup through ``super().forward``, and the module
+    stays an instance of ``cls``. Construction is GrowEmbedding's; :func:`_carry_over`
+    copies the subclass's attributes."""
+    if cls is nn.Embedding:
+        return GrowEmbedding
+    if cls not in _GROWABLE_CLASSES:
+        _GROWABLE_CLASSES[cls] = type(
+            f"Grow{cls.__name__}",
+            (cls, GrowEmbedding),
+            {"__init__": GrowEmbedding.__init__, "__module__": __name__,
+             "_plain_class": cls, "extra_repr": GrowEmbedding.extra_repr,
+             "__reduce_ex__": _reduce_growable},
+        )
+    return _GROWABLE_CLASSES[cls]
+
+
+def _reduce_growable(module: GrowEmbedding, protocol: int):
+    # A class made at run time cannot be found by name when unpickling: the module is
+    # rebuilt from the class it stands in for, which can.
+    return _new_growable, (module._plain_class,), module.__getstate__()
+
+
+def _new_growable(cls: type) -> GrowEmbedding:
+    growable = _growable_class(cls)
+    return growable.__new__(growable)
+
+
+def _plain_embedding(embedding: GrowEmbedding) -> nn.Embedding:
+    """``embedding.to_embedding()``, as an instance of the class it replaced."""
+    plain = embedding.to_embedding()
+    plain.__class__ = getattr(type(embedding), "_plain_class", nn.Embedding)
+    _carry_over(embedding, plain)
+    return plain
 
 
 def _tied_head(head: nn.Linear, embedding: GrowEmbedding, static_shape: bool) -> GrowLinear:
@@ -227,6 +324,11 @@ def _tied_head(head: nn.Linear, embedding: GrowEmbedding, static_shape: bool) ->
     return grow_head
 
 
+def _after_load(model: PreTrainedModel, incompatible_keys) -> None:
+    # A function, not a lambda, so the model still pickles.
+    _sync_vocab_size(model)
+
+
 def _sync_vocab_size(model: PreTrainedModel) -> None:
     """``config.vocab_size`` (and ``model.vocab_size``) := the logits' width."""
     head = model.get_output_embeddings()
@@ -237,6 +339,10 @@ def _sync_vocab_size(model: PreTrainedModel) -> None:
     model.config.get_text_config().vocab_size = width
     if hasattr(model, "vocab_size"):
         model.vocab_size = width
+    # Encoder-decoder heads (BART, mBART, Pegasus) add a bias buffer as wide as the logits.
+    bias = getattr(model, "final_logits_bias", None)
+    if isinstance(bias, torch.Tensor) and bias.shape[-1] != width and hasattr(model, "_resize_final_logits_bias"):
+        model._resize_final_logits_bias(width)
 
 
 def _draw_normal_(model: PreTrainedModel, embedding: GrowEmbedding, rows: range) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -392,3 +393,90 @@ def test_make_growable_refuses_what_it_cannot_convert():
     with pytest.raises(ValueError, match="the head has 40 outputs but the embedding 50 rows"):
         make_growable(model)
     assert type(model.get_input_embeddings()) is nn.Embedding  # nothing swapped
+
+
+# ----------------------------------------------------------------------------- other architectures
+
+
+def _gemma(vocab: int):
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return GemmaForCausalLM(GemmaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    ))
+
+
+def _bart(vocab: int):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=vocab, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, scale_embedding=True,
+        max_position_embeddings=32, dropout=0.0,
+    ))
+
+
+@pytest.mark.parametrize("build", [_gemma, _bart], ids=["gemma", "bart"])
+def test_scaled_embeddings_and_logit_biases_carry_over(build):
+    """Gemma's and BART's input embeddings are nn.Embedding subclasses that multiply by
+    embed_scale, and BART adds a final_logits_bias as wide as the logits: logits are the
+    model's own after make_growable, stay right across a resize, and to_plain gives back
+    the model's own embedding class."""
+    torch.manual_seed(0)
+    model = build(50).eval()
+    plain_class = type(model.get_input_embeddings())
+    x = torch.randint(0, 50, (2, 7))
+
+    def logits(m):
+        kwargs = {"decoder_input_ids": x} if hasattr(m, "final_logits_bias") else {}
+        return m(input_ids=x, **kwargs).logits
+
+    before = logits(model)
+    make_growable(model)
+    assert isinstance(model.get_input_embeddings(), (plain_class, growop.GrowEmbedding))
+    assert isinstance(model.get_input_embeddings(), plain_class)
+    torch.testing.assert_close(logits(model), before)
+    model.resize_token_embeddings(56)
+    grown = logits(model)
+    assert grown.shape[-1] == 56
+    torch.testing.assert_close(grown[..., :50], before)
+    restored = copy.deepcopy(model)
+    to_plain(restored)
+    assert type(restored.get_input_embeddings()) is plain_class
+    torch.testing.assert_close(logits(restored), grown)
+    torch.testing.assert_close(logits(pickle.loads(pickle.dumps(model))), grown)
+
+
+def test_make_growable_keeps_frozen_heads_hooks_and_initialised_weights():
+    model = MODELS["llama_untied"](50)
+    model.requires_grad_(False)  # frozen, as for adapter training
+    model.enable_input_require_grads()  # a forward hook on the input embeddings
+    make_growable(model)
+    assert not model.lm_head.weight.requires_grad
+    x = torch.randint(0, 50, (1, 5))
+    assert model.get_input_embeddings()(x).requires_grad
+    model.disable_input_require_grads()  # its handle still removes the hook
+    assert not model.get_input_embeddings()(x).requires_grad
+    weight = model.get_input_embeddings().weight.detach().clone()
+    model.init_weights()  # transformers leaves initialised modules alone
+    assert torch.equal(model.get_input_embeddings().weight, weight)
+
+
+def test_resize_refuses_heads_wrapped_by_peft_and_changes_nothing():
+    peft = pytest.importorskip("peft")
+    model = make_growable(MODELS["llama_tied"](50))
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(TypeError, match="wrapped by a .*resize before adding the adapter"):
+        wrapped.resize_token_embeddings(56)
+    assert model.get_input_embeddings().num_embeddings == 50 and model.config.vocab_size == 50
+
+
+def test_mean_resizing_without_live_tokens_raises_before_reallocating():
+    model = make_growable(MODELS["llama_tied"](50), capacity=52)
+    embedding = model.get_input_embeddings()
+    embedding.deactivate(range(50))
+    weight = embedding.weight
+    with pytest.raises(ValueError, match="needs at least one live token"):
+        model.resize_token_embeddings(60)
+    assert embedding.capacity == 52 and embedding.weight is weight and embedding.num_embeddings == 50
