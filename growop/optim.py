@@ -87,12 +87,29 @@ def optimizer_step(optimizer: torch.optim.Optimizer, param: Tensor) -> int:
     return int(step.item() if isinstance(step, Tensor) else step)
 
 
+def unwrap(optimizer):
+    """The optimizer that steps and holds the state. Wrappers (accelerate's
+    ``AcceleratedOptimizer``, which the Hugging Face Trainer holds, Lightning's) keep it as
+    ``.optimizer`` and step it from their own ``step``."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _is_wrapper(optimizer) -> bool:
+    return unwrap(optimizer) is not optimizer
+
+
 def check_holds(optimizer, params: list[Tensor]) -> None:
     """Raises unless ``optimizer`` is ``None`` or holds at least one of ``params``."""
     if optimizer is None:
         return
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    optimizer = unwrap(optimizer)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not any(id(p) in held for p in params):
         raise ValueError("the optimizer given does not hold this layer's parameters")
@@ -120,6 +137,7 @@ def resize_state(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> None
     State of another row count is padded with zeros (fresh state for new rows) or cut; the
     rows both sizes have are unchanged.
     """
+    optimizer = unwrap(optimizer)
     for param in params:
         state = param_state(optimizer, param)
         for name, value in list(state.items()):
@@ -143,6 +161,7 @@ def reset_rows(optimizer: torch.optim.Optimizer, params: list[Tensor], rows) -> 
     State left at an older row count (a grow past capacity without the optimizer) is
     resized first, so the rows are always zeroed, never skipped.
     """
+    optimizer = unwrap(optimizer)
     resize_state(optimizer, params)
     with torch.no_grad():
         for param in params:
@@ -196,7 +215,9 @@ def _starts(state: dict) -> Tensor | None:
 
 
 def start_rows(optimizer: torch.optim.Optimizer, params: list[Tensor], rows: Tensor) -> None:
-    """Records that ``rows`` of ``params`` start fresh now, at ``optimizer``'s step."""
+    """Records that ``rows`` of ``params`` start fresh now, at ``optimizer``'s step (the
+    wrapped optimizer's, whose own step runs the correction)."""
+    optimizer = unwrap(optimizer)
     if _covered(optimizer) is False:
         return  # SGD: a fresh row's first step is already a fresh optimizer's
     rows = rows.to("cpu")
@@ -251,6 +272,8 @@ def _limit(group: dict, dtype: torch.dtype) -> float:
 
 
 def _before_step(optimizer, args, kwargs) -> None:
+    if _is_wrapper(optimizer):
+        return  # the wrapped optimizer's own step runs the hooks
     if _reallocated:
         _check_state_sizes(optimizer)
     if not _enabled:
@@ -296,6 +319,8 @@ def _before_step(optimizer, args, kwargs) -> None:
 
 
 def _after_step(optimizer, args, kwargs) -> None:
+    if _is_wrapper(optimizer):
+        return
     pending = _pending.pop(optimizer, None)
     if pending:
         with torch.no_grad():

@@ -258,3 +258,55 @@ def test_sgd_needs_no_correction():
             optimizer.step()
             fresh.step()
     torch.testing.assert_close(layer.weight[row], mirror, rtol=1e-12, atol=1e-12)
+
+
+class WrappedOptimizer(torch.optim.Optimizer):
+    """An optimizer wrapper as accelerate's AcceleratedOptimizer (which the Hugging Face
+    Trainer holds) is written: it keeps the real optimizer as ``.optimizer``, shares its
+    state and param_groups, and steps it from its own ``step``."""
+
+    def __init__(self, optimizer):  # no Optimizer.__init__, as accelerate's
+        self.optimizer = optimizer
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def make_wrapped(kind):
+    if kind == "accelerate":
+        accelerate = pytest.importorskip("accelerate")
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        accelerate.Accelerator(cpu=True)
+        return lambda optimizer: AcceleratedOptimizer(optimizer, device_placement=False)
+    return WrappedOptimizer
+
+
+@pytest.mark.parametrize("kind", ["wrapper", "accelerate"])
+def test_a_wrapped_optimizer_corrects_new_rows_as_the_one_it_wraps(kind):
+    """grow(optimizer=wrapper) records the new rows on the optimizer that steps, so the
+    correction runs (and runs once) exactly as with the optimizer itself."""
+    wrap = make_wrapped(kind)
+    plain, wrapped = Run("adamw"), Run("adamw")
+    wrapped.optimizer = wrap(wrapped.optimizer)
+    for run in (plain, wrapped):
+        run.steps(4)
+        run.grow()
+        run.steps(6)
+    assert wrapped.mirror_error() < 1e-10
+    torch.testing.assert_close(wrapped.layer.weight, plain.layer.weight, rtol=0, atol=0)
