@@ -72,6 +72,30 @@ def test_static_shape_grow_deactivate_reactivate_never_recompile(strategy):
     assert layer.out_features == CAPACITY
 
 
+@pytest.mark.parametrize("joined", ["tied", "grow_together"])
+def test_language_model_pair_with_static_shape_never_recompiles(joined):
+    """An embedding and a static_shape head joined as a language model joins them (tied,
+    or one mask): the compiled lookup checks ids against the mask alone, with no host count
+    to guard on, so grows, deactivations and reactivations never recompile; a deactivated
+    id is still refused."""
+    torch.manual_seed(0)
+    embedding = growop.GrowEmbedding(10, 4, capacity=16)
+    head = GrowLinear(4, 10, bias=False, capacity=16, static_shape=True)
+    (growop.tie if joined == "tied" else growop.grow_together)(embedding, head)
+    model = nn.Sequential(embedding, head)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    ids = torch.tensor([1, 2, 9])
+    for change in (lambda: None, lambda: embedding.grow(2), lambda: embedding.deactivate([0]),
+                   lambda: embedding.reactivate([0]), lambda: head.grow(1)):
+        change()
+        torch.testing.assert_close(compiled(ids), model(ids), atol=0, rtol=0)
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations"
+    embedding.deactivate([2])
+    with pytest.raises(RuntimeError, match="out of range or not live"):
+        compiled(ids)
+
+
 def test_static_shape_training_through_compiled_model_after_grow():
     eager_model, compiled_model = make_model(True), make_model(True)
     counter = CompileCounterWithBackend("aot_eager")

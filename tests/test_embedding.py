@@ -392,3 +392,16 @@ def test_lookup_follows_a_mask_copied_in_by_an_ema_update():
     with pytest.raises(IndexError, match="id 3 is a deactivated row"):
         copy_of_it(ids(3))
     assert (copy_of_it.num_embeddings, copy_of_it._live_count) == (12, 11)
+
+
+def test_growing_past_capacity_between_lookup_and_backward_is_a_clear_error():
+    """As for GrowLinear (where autograd's own check catches it): the backward of a lookup
+    made before a reallocation raises, naming the cause, instead of handing the optimizer a
+    gradient of the old row count."""
+    emb = make(capacity=V + 1)
+    out = emb(ids(1, 2))
+    emb.grow(3)
+    with pytest.raises(RuntimeError, match=r"grew past its capacity between this lookup and its backward"):
+        out.sum().backward()
+    emb(ids(1, 2)).sum().backward()  # a lookup after the grow is fine
+    assert emb.weight.grad.shape == emb.weight.shape
