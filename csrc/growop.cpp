@@ -24,8 +24,10 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <initializer_list>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "packed.h"
 
@@ -468,6 +470,17 @@ PyObject* masked_linear_binding(PyObject* /*module*/, PyObject* args) {
 // API: no checks beyond ATen's own.
 enum class TestPath { kPacked, kDense, kDenseAligned };
 
+// Whether every object is a tensor (None allowed where `optional`); else a TypeError.
+bool all_tensors(std::initializer_list<std::pair<PyObject*, bool>> objects) {
+  for (const auto& [object, optional] : objects) {
+    if (!(THPVariable_Check(object) || (optional && object == Py_None))) {
+      PyErr_Format(PyExc_TypeError, "expected a tensor, got %s", Py_TYPE(object)->tp_name);
+      return false;
+    }
+  }
+  return true;
+}
+
 std::optional<TestPath> test_path(const char* name) {
   const std::string_view path(name);
   if (path == "packed") {
@@ -498,7 +511,8 @@ PyObject* path_linear_binding(PyObject* /*module*/, PyObject* args) {
     return nullptr;
   }
   const std::optional<TestPath> path = test_path(name);
-  if (!path.has_value()) {
+  if (!path.has_value() ||
+      !all_tensors({{input, false}, {weight, false}, {bias, true}, {active, false}})) {
     return nullptr;
   }
   HANDLE_TH_ERRORS
@@ -537,7 +551,8 @@ PyObject* path_linear_backward_binding(PyObject* /*module*/, PyObject* args) {
     return nullptr;
   }
   const std::optional<TestPath> path = test_path(name);
-  if (!path.has_value()) {
+  if (!path.has_value() ||
+      !all_tensors({{grad_output, false}, {input, false}, {weight, false}, {active, false}})) {
     return nullptr;
   }
   HANDLE_TH_ERRORS

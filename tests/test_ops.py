@@ -416,6 +416,10 @@ def test_packed_rows_check_the_live_count():
     module._path_linear("packed", x, weight, None, active, 4, 3, 0.0)
     with pytest.raises(ValueError, match="unknown path 'gather'"):
         module._path_linear("gather", x, weight, None, active, 4, 3, 0.0)
+    with pytest.raises(TypeError, match="expected a tensor, got list"):
+        module._path_linear("packed", [1.0], weight, None, active, 4, 3, 0.0)
+    with pytest.raises(TypeError, match="expected a tensor, got int"):
+        module._path_linear_backward("dense", torch.randn(2, 6), x, 7, active, 4, True, True, True)
 
 
 def test_packed_rows_are_deterministic():
