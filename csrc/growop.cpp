@@ -300,13 +300,20 @@ Tensor masked_linear_autograd(
       tangent = masked_linear(
           t_input, w, std::nullopt, active, width, 0.0, strategy, live_count);
     }
-    if (t_weight.defined() || t_bias.defined()) {
+    if (t_weight.defined()) {
       tangent = sum_defined(
           tangent,
           masked_linear(
-              primal_of(input), t_weight.defined() ? t_weight : at::zeros_like(w),
+              primal_of(input), t_weight,
               t_bias.defined() ? std::optional<Tensor>(t_bias) : std::nullopt, active,
               width, 0.0, strategy, live_count));
+    } else if (t_bias.defined()) {
+      // The bias's tangent in the live columns: no product with the input, which may
+      // hold inf (0 x inf would be NaN).
+      const Tensor live_bias = at::where(
+          active.narrow_symint(0, 0, width), t_bias.narrow_symint(0, 0, width),
+          at::zeros({}, t_bias.options()));
+      tangent = sum_defined(tangent, live_bias.expand_symint(out.sym_sizes()).contiguous());
     }
     out._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
   }

@@ -19,24 +19,6 @@ _SPARSE_UNSUPPORTED = (
 )
 
 
-class _SameStorage:
-    """A backward hook on a lookup's output: raises if the weight was reallocated (a grow
-    past capacity) between the lookup and its backward. A lookup saves no weight for its
-    backward, so autograd's own check (which catches this in GrowLinear) cannot; the
-    gradient would have the old row count and fail later, in the optimizer, obscurely."""
-
-    def __init__(self, weight: Tensor) -> None:
-        self.weight, self.rows = weight, weight.shape[0]
-
-    def __call__(self, grad: Tensor) -> None:
-        if self.weight.shape[0] != self.rows:
-            raise RuntimeError(
-                f"GrowEmbedding: the layer grew past its capacity between this lookup and its "
-                f"backward (its weight went from {self.rows} to {self.weight.shape[0]} rows); "
-                "run the backward before growing"
-            )
-
-
 class GrowEmbedding(GrowRows, nn.Embedding):
     r"""``nn.Embedding`` with over-provisioned rows, so tokens can be added in place.
 
@@ -157,7 +139,8 @@ class GrowEmbedding(GrowRows, nn.Embedding):
         active = self._buffers.get("active")  # the tensor itself, also under torch.fx
         eager = not torch.compiler.is_compiling()
         if eager and active is not None:
-            if active is not self._mask_seen or active._version != self._mask_version:
+            version = self._mask_version
+            if active is not self._mask_seen or (version is not None and active._version != version):
                 self._live_count_for(active)
         input = self._check_ids(input)
         out = F.embedding(
@@ -169,8 +152,6 @@ class GrowEmbedding(GrowRows, nn.Embedding):
             self.scale_grad_by_freq,
             False,
         )
-        if eager and not is_fx_symbolic_tracing() and not torch.jit.is_tracing() and out.requires_grad:
-            out.register_hook(_SameStorage(self.weight))
         return out
 
     def extra_repr(self) -> str:
@@ -280,22 +261,29 @@ class GrowEmbedding(GrowRows, nn.Embedding):
             input.is_floating_point() or input.is_complex() or input.dtype == torch.bool
         ):
             return input  # F.embedding gives its own error for non-integer ids
-        if recorded or input.device.type != "cpu" or torch.compiler.is_compiling():
-            # No host synchronisation: a device-side assertion, as nn.Embedding's. The mask
-            # alone decides (rows past the slots in use are never live), with no host count:
-            # a graph traced or exported runs later, on the mask as it is then, and a
-            # compiled one has nothing to guard on, so grows never recompile it.
+        compiling = torch.compiler.is_compiling()
+        used = self.num_embeddings
+        # A mask swapped in for this call (functional_call) is not the one counted.
+        all_live = self._live_count == used and self.active is self._mask_seen
+        if recorded or compiling or input.device.type != "cpu":
+            # No host synchronisation: a device-side assertion, as nn.Embedding's.
             capacity = self.weight.shape[0]
-            ok = (input >= 0) & (input < capacity) & self.active[input.clamp(0, capacity - 1)]
+            if recorded or compiling:
+                # The mask alone decides (rows past the slots in use are never live), with
+                # no host count: a graph traced or exported runs later, on the mask as it
+                # is then, and a compiled one has nothing to guard on, so grows never
+                # recompile it.
+                ok = (input >= 0) & (input < capacity) & self.active[input.clamp(0, capacity - 1)]
+            else:
+                ok = (input >= 0) & (input < used)
+                if not all_live:
+                    ok &= self.active[input.clamp(0, capacity - 1)]
             torch._assert_async(ok.all(), "GrowEmbedding: an id is out of range or not live")
             if torch.jit.is_tracing():
                 # torch.jit.trace drops ops whose results go unused, the assertion among
                 # them: an id that fails the check becomes -1, which the lookup refuses.
                 return torch.where(ok, input, -1)
             return input
-        used = self.num_embeddings
-        # A mask swapped in for this call (functional_call) is not the one counted.
-        all_live = self._live_count == used and self.active is self._mask_seen
         if input.numel() == 0:
             return input
         low, high = torch.aminmax(input)

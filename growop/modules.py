@@ -130,7 +130,8 @@ class GrowLinear(GrowRows, nn.Linear):
         active = self._buffers.get("active")
         if active is None:
             active = self.active
-        if active is self._mask_seen and active._version == self._mask_version:
+        version = self._mask_version
+        if active is self._mask_seen and (version is None or active._version == version):
             live_count = self._live_count
         else:
             live_count = self._live_count_for(active)

@@ -115,15 +115,18 @@ def check_holds(optimizer, params: list[Tensor]) -> None:
         raise ValueError("the optimizer given does not hold this layer's parameters")
 
 
-def is_row_state(value, param: Tensor) -> bool:
-    """Whether an optimizer state entry holds one slice per row of ``param``: elementwise
-    state (momentum, Adam's moments: ``param``'s shape, at this or an older row count), or
-    a factored per-row statistic (Adafactor's ``row_var``, ``(rows, 1)``). A one-row
-    statistic of a many-row parameter is per column (Adafactor's ``col_var``, ``(1, in)``),
-    not per row."""
-    if not isinstance(value, Tensor) or value.dim() != param.dim() or value.dim() < 1:
+# Factored statistics kept per column, whose shape can pass for one row's.
+_PER_COLUMN_STATE = frozenset({"col_var"})  # torch.optim.Adafactor's, (1, in_features)
+
+
+def is_row_state(value, param: Tensor, name: str | None = None) -> bool:
+    """Whether optimizer state entry ``name`` holds one slice per row of ``param``:
+    elementwise state (momentum, Adam's moments: ``param``'s shape, at this or an older row
+    count), or a factored per-row statistic (Adafactor's ``row_var``, ``(rows, 1)``), but
+    not a per-column one (Adafactor's ``col_var``, ``(1, in_features)``)."""
+    if name in _PER_COLUMN_STATE:
         return False
-    if value.shape[0] == 1 and param.shape[0] != 1:
+    if not isinstance(value, Tensor) or value.dim() != param.dim() or value.dim() < 1:
         return False
     return value.shape[1:] == param.shape[1:] or all(size == 1 for size in value.shape[1:])
 
@@ -141,7 +144,7 @@ def resize_state(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> None
     for param in params:
         state = param_state(optimizer, param)
         for name, value in list(state.items()):
-            if is_row_state(value, param) and value.shape[0] != param.shape[0]:
+            if is_row_state(value, param, name) and value.shape[0] != param.shape[0]:
                 state[name] = _resized(value, param.shape[0])
         starts = _starts(state)
         if starts is not None and starts.shape[0] != param.shape[0]:
@@ -165,8 +168,8 @@ def reset_rows(optimizer: torch.optim.Optimizer, params: list[Tensor], rows) -> 
     resize_state(optimizer, params)
     with torch.no_grad():
         for param in params:
-            for value in param_state(optimizer, param).values():
-                if is_row_state(value, param):
+            for name, value in param_state(optimizer, param).items():
+                if is_row_state(value, param, name):
                     distributed.zero_rows_(value, rows)
 
 
@@ -176,10 +179,20 @@ def note_reallocated(row_set) -> None:
 
 
 def _check_state_sizes(optimizer: torch.optim.Optimizer) -> None:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for row_set in list(_reallocated):
         for param in row_set.params():
+            grad = param.grad if id(param) in held else None
+            if grad is not None and grad.shape != param.shape:
+                raise RuntimeError(
+                    f"growop: {type(optimizer).__name__} got a gradient of shape "
+                    f"{tuple(grad.shape)} for a parameter of shape {tuple(param.shape)}: a "
+                    "backward ran through a forward made before the layer grew past its "
+                    "capacity (a lookup saves nothing that autograd could check). Run the "
+                    "backward before growing; zero_grad() drops the stale gradient."
+                )
             for name, value in param_state(optimizer, param).items():
-                if is_row_state(value, param) and value.shape[0] != param.shape[0]:
+                if is_row_state(value, param, name) and value.shape[0] != param.shape[0]:
                     raise RuntimeError(
                         f"growop: {type(optimizer).__name__} holds state '{name}' of shape "
                         f"{tuple(value.shape)} for a parameter that now has shape "

@@ -55,17 +55,27 @@ def resolved_capacity(capacity: int | None, used: int, owner: str, used_name: st
     return capacity
 
 
+def mask_version(mask: Tensor) -> int | None:
+    """``mask._version``, or None for an inference tensor, which keeps no version counter
+    (and can only be written inside inference mode, where growop's own writes happen)."""
+    return None if mask.is_inference() else mask._version
+
+
 def _outside_inference_mode(method):
-    """Runs ``method`` with inference mode off: what a grow makes (reallocated Parameters,
-    masks, optimizer state) outlives the ``torch.inference_mode()`` block it may be called
-    in, and inference tensors there would fail the training that follows."""
+    """Runs a RowSet ``method`` with inference mode off: what a grow makes (reallocated
+    Parameters, masks, optimizer state) outlives the ``torch.inference_mode()`` block it may
+    be called in, and inference tensors there would fail the training that follows. Layers
+    whose own tensors are inference tensors (made under inference mode) stay in it: those
+    can only be written there."""
 
     @functools.wraps(method)
-    def run(*args, **kwargs):
-        if not torch.is_inference_mode_enabled():
-            return method(*args, **kwargs)
+    def run(row_set, *args, **kwargs):
+        if not torch.is_inference_mode_enabled() or row_set.mask.is_inference() or any(
+            p.is_inference() for p in row_set.params()
+        ):
+            return method(row_set, *args, **kwargs)
         with torch.inference_mode(False):
-            return method(*args, **kwargs)
+            return method(row_set, *args, **kwargs)
 
     return run
 
@@ -119,7 +129,7 @@ class RowSet:
         another tensor in its place was swapped in for a call (``functional_call``)."""
         for member in self.members:
             member._mask_seen = member.active
-            member._mask_version = member.active._version
+            member._mask_version = mask_version(member.active)
 
     def adopt_mask(self, member: GrowRows) -> None:
         """Counts (and the other members' masks) from ``member``'s mask, which something
@@ -559,7 +569,7 @@ class GrowRows(nn.Module):
                 self._rows.adopt_mask(self)  # unpickled from a version that kept no record
                 return self._live_count
             return None
-        if active._version != self._mask_version:
+        if self._mask_version is not None and active._version != self._mask_version:
             self._rows.adopt_mask(self)
         return self._live_count
 

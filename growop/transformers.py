@@ -108,6 +108,14 @@ def make_growable(
     model.resize_token_embeddings = types.MethodType(resize_token_embeddings, model)
     # A checkpoint of a grown model changes the live vocabulary: config follows it.
     model._growop_load_hook = model.register_load_state_dict_post_hook(_after_load)
+    if isinstance(getattr(model, "final_logits_bias", None), torch.Tensor):
+        # BART-style logit bias, a buffer of the model as wide as the logits: sized to a
+        # checkpoint before it loads, and to the vocabulary before each forward (a grow
+        # made on the embedding itself does not go through resize_token_embeddings).
+        model._growop_bias_hooks = (
+            model.register_load_state_dict_pre_hook(_fit_final_logits_bias),
+            model.register_forward_pre_hook(_sync_before_forward),
+        )
     _sync_vocab_size(model)
     return model
 
@@ -227,6 +235,8 @@ def to_plain(model: PreTrainedModel) -> PreTrainedModel:
     hook = model.__dict__.pop("_growop_load_hook", None)
     if hook is not None:
         hook.remove()
+    for hook in model.__dict__.pop("_growop_bias_hooks", ()):
+        hook.remove()
     _sync_vocab_size(model)
     return model
 
@@ -329,13 +339,27 @@ def _after_load(model: PreTrainedModel, incompatible_keys) -> None:
     _sync_vocab_size(model)
 
 
-def _sync_vocab_size(model: PreTrainedModel) -> None:
-    """``config.vocab_size`` (and ``model.vocab_size``) := the logits' width."""
+def _fit_final_logits_bias(model, state_dict, prefix, *args) -> None:
+    saved = state_dict.get(prefix + "final_logits_bias")
+    if isinstance(saved, torch.Tensor) and saved.shape[-1] != model.final_logits_bias.shape[-1]:
+        model._resize_final_logits_bias(saved.shape[-1])
+
+
+def _sync_before_forward(model, args) -> None:
+    if model.final_logits_bias.shape[-1] != _logits_width(model):
+        _sync_vocab_size(model)
+
+
+def _logits_width(model: PreTrainedModel) -> int:
     head = model.get_output_embeddings()
     if isinstance(head, GrowLinear) and head.static_shape:
-        width = head.capacity
-    else:
-        width = model.get_input_embeddings().num_embeddings
+        return head.capacity
+    return model.get_input_embeddings().num_embeddings
+
+
+def _sync_vocab_size(model: PreTrainedModel) -> None:
+    """``config.vocab_size`` (and ``model.vocab_size``) := the logits' width."""
+    width = _logits_width(model)
     model.config.get_text_config().vocab_size = width
     if hasattr(model, "vocab_size"):
         model.vocab_size = width

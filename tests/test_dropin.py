@@ -311,6 +311,23 @@ def test_a_mask_swapped_in_for_one_call_is_not_taken_for_the_layer_s_own():
     assert embedding(torch.tensor([2])).shape == (1, 3)
 
 
+def test_layers_built_and_used_inside_inference_mode():
+    """Inference tensors keep no version counter: a layer built, moved, grown and run
+    entirely under torch.inference_mode() works, its tensors staying inference tensors."""
+    with torch.inference_mode():
+        layer = GrowLinear(4, 3, capacity=6)
+        embedding = growop.GrowEmbedding(10, 4, capacity=12)
+        layer.to_empty(device="cpu")
+        layer.reset_parameters()
+        layer.grow(1)
+        layer.grow(4)  # past capacity
+        layer.deactivate([0])
+        embedding.grow(1)
+        assert layer(torch.randn(2, 4)).shape == (2, 8)
+        assert embedding(torch.tensor([10])).shape == (1, 4)
+        assert layer.weight.is_inference() and layer.active.is_inference()
+
+
 def test_grow_inside_inference_mode_leaves_trainable_tensors():
     """A grow called under torch.inference_mode() (say, while evaluating) makes no inference
     tensors: reallocated Parameters, masks and optimizer state still train."""

@@ -680,6 +680,24 @@ def test_forward_mode_matches_nn_linear(device, strategy):
     torch.testing.assert_close(tangent[:, live], theirs)
 
 
+def test_bias_tangent_alone_never_multiplies_the_input(device):
+    """With only the bias's tangent, the output's is that tangent in the live columns:
+    an input holding inf (whose product with a zero tangent would be NaN) does not reach it."""
+    layer, linear, live = _grow_and_linear(device)
+    x = torch.randn(3, 4, dtype=torch.float64, device=device)
+    x[0, 1] = float("inf")
+    tangent = torch.randn(layer.capacity, dtype=torch.float64, device=device)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def out_of_bias(bias):
+        return functional_call(layer, {**params, "bias": bias}, (x,))
+
+    got = jvp(out_of_bias, (params["bias"],), (tangent,))[1]
+    width = layer.out_features
+    want = torch.where(layer.active[:width], tangent[:width], 0).expand(3, width)
+    torch.testing.assert_close(got, want)
+
+
 def test_vmap_has_batching_rules_and_no_slow_path_warning(device):
     layer, linear, live = _grow_and_linear(device)
     x = torch.randn(5, 2, 4, dtype=torch.float64, device=device)

@@ -169,6 +169,24 @@ def test_adafactor_factored_state_follows_rows_and_keeps_its_column_statistic():
     assert all(math.isfinite(v) for v in losses)
 
 
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_one_row_layer_grows_past_capacity_with_its_state(kind):
+    """A capacity-1 layer's state is (1, in): it is per-row state, resized past capacity
+    (only Adafactor's per-column statistic keeps its one row)."""
+    make_opt, keys = OPTIMIZERS[kind]
+    x, y = regression_problem(outputs=3)
+    torch.manual_seed(0)
+    layer = GrowLinear(IN, 1, capacity=1)
+    opt = make_opt(layer.parameters())
+    train(layer, opt, x, y, 2)
+    layer.grow(2, optimizer=opt)
+    for key in keys:
+        assert opt.state[layer.weight][key].shape == (layer.capacity, IN)
+        assert opt.state[layer.bias][key].shape == (layer.capacity,)
+    losses = train(layer, opt, x, y, 3)
+    assert all(math.isfinite(v) for v in losses)
+
+
 # ----------------------------------------------------------------------------- forgetting the optimizer
 
 

@@ -441,6 +441,13 @@ def test_scaled_embeddings_and_logit_biases_carry_over(build):
     grown = logits(model)
     assert grown.shape[-1] == 56
     torch.testing.assert_close(grown[..., :50], before)
+    if hasattr(model, "final_logits_bias"):  # a grow on the embedding itself, and loads
+        model.get_input_embeddings().grow(2)
+        assert logits(model).shape[-1] == 58
+        fresh = make_growable(build(50).eval())
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(logits(fresh), logits(model))
+        grown = logits(model)
     restored = copy.deepcopy(model)
     to_plain(restored)
     assert type(restored.get_input_embeddings()) is plain_class
