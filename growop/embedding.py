@@ -262,9 +262,10 @@ class GrowEmbedding(GrowRows, nn.Embedding):
         ):
             return input  # F.embedding gives its own error for non-integer ids
         compiling = torch.compiler.is_compiling()
-        used = self.num_embeddings
-        # A mask swapped in for this call (functional_call) is not the one counted.
-        all_live = self._live_count == used and self.active is self._mask_seen
+        if not (recorded or compiling):  # host counts, read only where nothing guards on them
+            used = self.num_embeddings
+            # A mask swapped in for this call (functional_call) is not the one counted.
+            all_live = self._live_count == used and self.active is self._mask_seen
         if recorded or compiling or input.device.type != "cpu":
             # No host synchronisation: a device-side assertion, as nn.Embedding's.
             capacity = self.weight.shape[0]
