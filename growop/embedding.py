@@ -137,13 +137,10 @@ class GrowEmbedding(GrowRows, nn.Embedding):
         if self.sparse:
             raise RuntimeError(_SPARSE_UNSUPPORTED)
         active = self._buffers.get("active")  # the tensor itself, also under torch.fx
-        eager = not torch.compiler.is_compiling()
-        if eager and active is not None:
-            version = self._mask_version
-            if active is not self._mask_seen or (version is not None and active._version != version):
-                self._live_count_for(active)
+        if active is not None and not torch.compiler.is_compiling():
+            self._live_count_for(active)  # counts follow a mask something else wrote
         input = self._check_ids(input)
-        out = F.embedding(
+        return F.embedding(
             input,
             self.weight,
             self.padding_idx,
@@ -152,7 +149,6 @@ class GrowEmbedding(GrowRows, nn.Embedding):
             self.scale_grad_by_freq,
             False,
         )
-        return out
 
     def extra_repr(self) -> str:
         text = f"{self.num_embeddings}, {self.embedding_dim}, capacity={self.capacity}"

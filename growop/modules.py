@@ -130,6 +130,8 @@ class GrowLinear(GrowRows, nn.Linear):
         active = self._buffers.get("active")
         if active is None:
             active = self.active
+        # GrowRows._live_count_for, with its common case (the mask growop last wrote, as it
+        # left it) inline: a method call is felt by a small head's forward.
         version = self._mask_version
         if active is self._mask_seen and (version is None or active._version == version):
             live_count = self._live_count

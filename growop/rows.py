@@ -55,6 +55,12 @@ def resolved_capacity(capacity: int | None, used: int, owner: str, used_name: st
     return capacity
 
 
+def new_seed() -> int:
+    """A seed for ``grow(init="default")`` rows, drawn from the global RNG (so
+    ``torch.manual_seed`` before construction fixes those rows too)."""
+    return int(torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64))
+
+
 def mask_version(mask: Tensor) -> int | None:
     """``mask._version``, or None for an inference tensor, which keeps no version counter
     (and can only be written inside inference mode, where growop's own writes happen)."""
@@ -593,15 +599,13 @@ class GrowRows(nn.Module):
         with torch.no_grad():
             if active is not None and old_active is not None and active is not old_active and not active.is_meta:
                 if old_active.is_meta:  # a meta mask holds no pattern: every slot in use live
-                    used = self._rows.used
-                    active.copy_(torch.arange(active.numel(), device=active.device) < used)
-                    self._rows._set_counts(used, used)
+                    self._rows.reset_mask()
                 else:
                     active.copy_(old_active)
                     self._rows.note_masks()
             if seed is not None and old_seed is not None and seed is not old_seed and not seed.is_meta:
                 if old_seed.is_meta:
-                    seed.fill_(int(torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64)))
+                    seed.fill_(new_seed())
                 else:
                     seed.copy_(old_seed)
 
@@ -610,15 +614,13 @@ class GrowRows(nn.Module):
     def _reset_rows(self) -> None:
         """The mask and seed as the constructor leaves them (for ``reset_parameters``).
 
-        Every slot in use is live again. Draws, from the global RNG, the seed from which
-        later ``grow(init="default")`` rows are drawn, so ``torch.manual_seed`` before
-        construction fixes those rows too. On meta nothing is computed, as in ``nn.Linear``.
+        Every slot in use is live again, and a new seed (:func:`new_seed`) draws later
+        ``grow(init="default")`` rows. On meta nothing is computed, as in ``nn.Linear``.
         """
         if self.active.is_meta:
             return
-        seed = torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64)
         with torch.no_grad():
-            self._init_seed.fill_(seed.item())
+            self._init_seed.fill_(new_seed())
         self._rows.reset_mask()
 
     # ------------------------------------------------------------------ new rows
@@ -752,7 +754,7 @@ class GrowRows(nn.Module):
                 f"more than this layer's capacity {self.capacity}"
             )
         if seed is None and self._init_seed.is_meta:  # built on meta, a stock checkpoint
-            seed = int(torch.randint(torch.iinfo(torch.int64).max, (), dtype=torch.int64))
+            seed = new_seed()
         if self._init_seed.is_meta:
             self._init_seed = torch.tensor(seed, dtype=torch.int64, device=self.weight.device)
         elif seed is not None:
@@ -790,10 +792,8 @@ class GrowRows(nn.Module):
         # Written before per-row step counts moved into the optimizer's state: dropped, so
         # a strict load still accepts the checkpoint.
         state_dict.pop(prefix + "row_start_step", None)
-        current = {name: p for name, p in self._row_params().items() if p is not None}
-        current["active"] = self.active
         saved_rows, mismatched = {}, []
-        for name, own in current.items():
+        for name, own in self._per_row_tensors().items():
             saved = state_dict.get(prefix + name)
             if not isinstance(saved, Tensor):
                 continue
@@ -831,6 +831,12 @@ class GrowRows(nn.Module):
             optim.note_reallocated(self._rows)
         return True
 
+    def _per_row_tensors(self) -> dict[str, Tensor]:
+        """The state-dict entries with one slice per row: the row Parameters and the mask."""
+        tensors = {name: p for name, p in self._row_params().items() if p is not None}
+        tensors["active"] = self.active
+        return tensors
+
     def _fit_rows_in_place(self, state_dict: dict, prefix: str, saved_rows: dict[str, int]) -> None:
         """Rewrites a checkpoint's per-row tensors (``saved_rows``: name -> rows) to this
         layer's capacity.
@@ -839,8 +845,7 @@ class GrowRows(nn.Module):
         checkpoint keep this layer's own values (zero if it has none yet, on meta) and are
         not live.
         """
-        current = dict(self._row_params())
-        current["active"] = self.active
+        current = self._per_row_tensors()
         for name, rows in saved_rows.items():
             own, key = current[name], prefix + name
             if rows == self.capacity:

@@ -28,7 +28,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 import growop
-from growop import distributed, optim
+from growop import distributed
 from growop.embedding import GrowEmbedding
 from growop.modules import GrowLinear, default_capacity
 from growop.rows import GROWTH_FACTOR, checked_int
@@ -74,19 +74,18 @@ def make_growable(
             f"make_growable: the head has {head.out_features} outputs but the embedding "
             f"{vocab} rows; they must describe the same vocabulary"
         )
-    for module, stock in ((embedding, nn.Embedding), (head, nn.Linear)):
+    for module in (embedding, head):
         if module is not None and hasattr(module, "_hf_hook"):
             raise ValueError(
                 f"make_growable: the {type(module).__name__} carries an accelerate hook "
                 "(device_map or offloading), which a swapped module would lose; call "
                 "make_growable before dispatching the model"
             )
-        if module is not None and type(module) is not stock and stock is nn.Linear and \
-                type(module).forward is not nn.Linear.forward:
-            raise TypeError(
-                f"make_growable: the output head is a {type(module).__name__}, whose forward "
-                "is not nn.Linear's; growop cannot carry it over"
-            )
+    if head is not None and type(head).forward is not nn.Linear.forward:
+        raise TypeError(
+            f"make_growable: the output head is a {type(head).__name__}, whose forward "
+            "is not nn.Linear's; growop cannot carry it over"
+        )
     capacity = default_capacity(vocab) if capacity is None else capacity
     tied = head is not None and head.weight is embedding.weight
 
@@ -324,8 +323,7 @@ def _tied_head(head: nn.Linear, embedding: GrowEmbedding, static_shape: bool) ->
         static_shape=static_shape,
         device=weight.device,
         dtype=weight.dtype,
-    )
-    grow_head._reset_rows()
+    )  # skip_init's to_empty leaves the mask and seed as the constructor makes them
     if head.bias is not None:
         with torch.no_grad():
             grow_head.bias[: head.out_features].copy_(head.bias)
