@@ -33,7 +33,11 @@ _extension = _load_extension_helpers()
 
 
 def sources() -> list[str]:
-    files = [ROOT / "csrc" / "growop.cpp", *sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
+    files = [
+        ROOT / "csrc" / "growop.cpp",
+        *sorted((ROOT / "csrc" / "cpu").glob("*.cpp")),
+        *(ROOT / "csrc" / job / "linear_cross_entropy.cpp" for job in ("ops", "loss", "autograd")),
+    ]
     return [str(path.relative_to(ROOT)) for path in files]
 
 

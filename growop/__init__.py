@@ -7,7 +7,7 @@ graphs stay as they are. Compute follows the live rows, not the capacity.
 
 from growop import ops
 from growop.embedding import GrowEmbedding
-from growop.functional import masked_linear
+from growop.functional import linear_cross_entropy, masked_linear
 from growop.modules import GrowLinear, default_capacity
 from growop.ops import get_strategy, strategy
 from growop.rows import grow_together, tie
@@ -18,6 +18,7 @@ __all__ = [
     "default_capacity",
     "get_strategy",
     "grow_together",
+    "linear_cross_entropy",
     "masked_linear",
     "ops",
     "strategy",

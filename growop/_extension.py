@@ -31,7 +31,11 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 def cpu_sources() -> list[Path]:
     """C++ sources of the extension, schema file first."""
-    return [_CSRC / "growop.cpp", *sorted((_CSRC / "cpu").glob("*.cpp"))]
+    return [
+        _CSRC / "growop.cpp",
+        *sorted((_CSRC / "cpu").glob("*.cpp")),
+        *(_CSRC / job / "linear_cross_entropy.cpp" for job in ("ops", "loss", "autograd")),
+    ]
 
 
 def cuda_sources() -> list[Path]:

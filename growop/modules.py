@@ -151,6 +151,53 @@ class GrowLinear(GrowRows, nn.Linear):
             live_count=live_count,
         )
 
+    def cross_entropy(
+        self,
+        input: Tensor,
+        target: Tensor,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        classes=None,
+        class_weight: Tensor | None = None,
+        chunk_size=None,
+    ) -> Tensor:
+        """Cross-entropy of this layer's logits over its live classes, never making the logits.
+
+        ``F.cross_entropy(self(input), target, ...)`` restricted to the live columns (and to
+        ``classes``, live slots, when given), with label smoothing spread over those only,
+        the same with or without ``static_shape``. ``target`` holds slots in
+        ``[0, out_features)``; a target that is not live or not in ``classes`` raises
+        ``IndexError`` on the CPU (a device-side assert on CUDA). ``class_weight`` has one
+        entry per column of ``self(input)``. See :func:`growop.linear_cross_entropy`.
+        """
+        if torch.compiler.is_compiling():
+            # No host-side live count (it would be a guard); with static_shape the width is
+            # the capacity, so grows change nothing the graph sees.
+            if self.static_shape:
+                return self._cross_entropy(input, target, self.weight.shape[0], None, ignore_index,
+                                           reduction, label_smoothing, classes, class_weight, chunk_size)
+            return _with_dynamic_int_attributes(
+                lambda: self._cross_entropy(input, target, self.out_features, None, ignore_index,
+                                            reduction, label_smoothing, classes, class_weight, chunk_size)
+            )
+        # Eager: the slots in use and the host-side live count, so the rows past them (a
+        # static_shape layer's unused slots) are not even looked at.
+        width = self.out_features
+        if class_weight is not None and self.static_shape and class_weight.shape[:1] == (self.capacity,):
+            class_weight = class_weight[:width]
+        return self._cross_entropy(input, target, width, self._live_count_for(self.active), ignore_index,
+                                   reduction, label_smoothing, classes, class_weight, chunk_size)
+
+    def _cross_entropy(self, input, target, width, live_count, ignore_index, reduction,
+                       label_smoothing, classes, class_weight, chunk_size) -> Tensor:
+        return functional.linear_cross_entropy(
+            input, self.weight, target, self.bias, active=self.active, out_features=width,
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            classes=classes, class_weight=class_weight, chunk_size=chunk_size, live_count=live_count,
+        )
+
     def extra_repr(self) -> str:
         text = (
             f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -245,11 +292,17 @@ def _forward_with_dynamic_width(layer: GrowLinear, input: Tensor) -> Tensor:
     shapes apply: one recompile at the first grow, with a symbolic width, then none. The
     config patch is scoped to this call; torch without it keeps the constant behaviour.
     """
+    return _with_dynamic_int_attributes(lambda: layer._masked_linear(input, layer.out_features, None))
+
+
+def _with_dynamic_int_attributes(call):
+    """``call()`` with a module's int attributes traced as ints, not constants (see
+    :func:`_forward_with_dynamic_width`)."""
     patch = getattr(torch._dynamo, "patch_dynamo_config", None)  # imported: we are compiling
     if patch is None:
-        return layer._masked_linear(input, layer.out_features, None)
+        return call()
     with patch(allow_unspec_int_on_nn_module=True):
-        return layer._masked_linear(input, layer.out_features, None)
+        return call()
 
 
 def _linear_init_(

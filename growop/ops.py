@@ -269,3 +269,131 @@ def _autocast_kernel(device_type: str):
 
 for _device_type, _dispatch_key in AUTOCAST_DISPATCH_KEYS.items():
     torch.library.impl("growop::masked_linear", _dispatch_key, _autocast_kernel(_device_type))
+
+
+# ------------------------------------------------------------------ linear cross-entropy
+#
+# ``linear_cross_entropy``: cross-entropy over the logits of the live rows, computed a chunk
+# of tokens at a time so the logits are never made (schemas in
+# csrc/ops/linear_cross_entropy.cpp, kernels in csrc/loss/, autograd in csrc/autograd/).
+# Here: the typed wrapper, the fake kernels of its three ops, and its autocast rule.
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    active: Tensor,
+    target: Tensor,
+    width: int,
+    classes: Tensor | None = None,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    chunk_size: tuple[int, int] = (0, 0),
+    live_count: int | None = None,
+) -> Tensor:
+    """Cross-entropy of ``input @ weight[j] + bias[j]`` over the classes ``j`` of the softmax.
+
+    The classes are the live rows below ``width``, restricted to ``classes`` (an int64
+    tensor of slots) when given; ``target`` holds slots. ``chunk_size`` is ``(tokens,
+    classes)`` per chunk, 0 for the op's choice. See :func:`growop.linear_cross_entropy`.
+    """
+    if live_count is not None and (is_fx_symbolic_tracing() or torch.jit.is_tracing()):
+        live_count = None  # a recorded graph runs later, on the mask as it is then
+    return _ops.linear_cross_entropy.default(
+        input, weight, bias, active, target, width, classes, class_weight, ignore_index,
+        reduction, label_smoothing, list(chunk_size), live_count,
+    )
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The loss's dtype, that of its softmax statistics: float32 for bfloat16/float16."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _check_loss_arguments(op, input, weight, bias, active, target, width, classes, class_weight,
+                          reduction):
+    """What the kernels check (csrc/loss/linear_cross_entropy.cpp), on shapes only."""
+    _check_devices(op, weight, input=input, bias=bias, active=active, target=target,
+                   classes=classes, class_weight=class_weight)
+    _check_mask(weight, active)
+    _check_input(input, weight)
+    torch._check(0 <= width, lambda: f"{op}: width {width} must be >= 0")
+    torch._check(width <= weight.shape[0], lambda: f"{op}: width {width} exceeds the capacity")
+    if bias is not None:
+        torch._check(bias.shape == (weight.shape[0],), lambda: f"{op}: bias must be (capacity,)")
+    torch._check(target.dtype == torch.int64, lambda: f"{op}: target must be int64")
+    torch._check(target.shape == input.shape[:-1], lambda: f"{op}: target does not match input")
+    torch._check(reduction in REDUCTIONS, lambda: f"{op}: reduction must be one of {REDUCTIONS}")
+    if classes is not None:
+        torch._check(classes.dim() == 1, lambda: f"{op}: classes must be 1-D")
+    if class_weight is not None:
+        torch._check(class_weight.shape == (width,), lambda: f"{op}: class_weight must be (width,)")
+
+
+def _loss_like(input: Tensor, target: Tensor, reduction: str) -> Tensor:
+    shape = target.shape if reduction == "none" else ()
+    return input.new_empty(shape, dtype=_loss_dtype(input.dtype))
+
+
+def _gradients_like(input, weight, bias, output_mask):
+    capacity, in_features = weight.shape
+    return (
+        weight.new_empty(input.shape if output_mask[0] else (0,)),
+        weight.new_empty((capacity, in_features) if output_mask[1] else (0,)),
+        weight.new_empty((capacity,) if output_mask[2] and bias is not None else (0,)),
+    )
+
+
+@torch.library.register_fake("growop::linear_cross_entropy")
+def _linear_cross_entropy_fake(input, weight, bias, active, target, width, classes=None,
+                               class_weight=None, ignore_index=-100, reduction="mean",
+                               label_smoothing=0.0, chunk_size=(0, 0), live_count=None):
+    _check_loss_arguments("growop.linear_cross_entropy", input, weight, bias, active, target,
+                          width, classes, class_weight, reduction)
+    return _loss_like(input, target, reduction)
+
+
+@torch.library.register_fake("growop::_linear_cross_entropy_forward")
+def _linear_cross_entropy_forward_fake(input, weight, bias, active, target, width, classes,
+                                       class_weight, ignore_index, reduction, label_smoothing,
+                                       chunk_size, live_count, output_mask):
+    _check_loss_arguments("growop.linear_cross_entropy", input, weight, bias, active, target,
+                          width, classes, class_weight, reduction)
+    lse = input.new_empty((target.numel(),), dtype=_loss_dtype(input.dtype))
+    return (_loss_like(input, target, reduction), lse,
+            *_gradients_like(input, weight, bias, output_mask))
+
+
+@torch.library.register_fake("growop::_linear_cross_entropy_backward")
+def _linear_cross_entropy_backward_fake(grad_loss, input, weight, bias, active, target, lse, width,
+                                        classes, class_weight, ignore_index, reduction,
+                                        label_smoothing, chunk_size, live_count, output_mask):
+    _check_loss_arguments("growop.linear_cross_entropy", input, weight, bias, active, target,
+                          width, classes, class_weight, reduction)
+    return _gradients_like(input, weight, bias, output_mask)
+
+
+def _loss_autocast_kernel(device_type: str):
+    def linear_cross_entropy_autocast(input, weight, bias, active, target, width, classes=None,
+                                      class_weight=None, ignore_index=-100, reduction="mean",
+                                      label_smoothing=0.0, chunk_size=(0, 0), live_count=None):
+        # The product in the autocast dtype, as F.linear's; the softmax statistics and the
+        # loss in float32, as F.cross_entropy's under autocast. class_weight stays as given.
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight, bias = (_autocast_cast(t, device_type, dtype) for t in (input, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            return _ops.linear_cross_entropy.default(
+                input, weight, bias, active, target, width, classes, class_weight, ignore_index,
+                reduction, label_smoothing, chunk_size, live_count,
+            )
+
+    return linear_cross_entropy_autocast
+
+
+for _device_type, _dispatch_key in AUTOCAST_DISPATCH_KEYS.items():
+    torch.library.impl("growop::linear_cross_entropy", _dispatch_key, _loss_autocast_kernel(_device_type))

@@ -52,3 +52,44 @@ def add_output_nodes(linear: nn.Linear, k: int) -> nn.Linear:
         if linear.bias is not None:
             grown.bias[: linear.out_features].copy_(linear.bias)
     return grown
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    active: Tensor,
+    target: Tensor,
+    width: int,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    classes=None,
+    class_weight: Tensor | None = None,
+) -> Tensor:
+    """Reference of ``growop.linear_cross_entropy``: ``F.cross_entropy`` over the logits of
+    the softmax's classes (the live rows below ``width``, or ``classes``), gathered, with each
+    target moved to its class's column. bfloat16/float16 logits are made in their dtype and
+    the loss in float32, as under autocast."""
+    if classes is None:
+        slots = active[:width].nonzero().squeeze(1)
+    else:
+        slots = torch.as_tensor(list(classes) if isinstance(classes, range) else classes, dtype=torch.long)
+        slots = slots.to(weight.device).sort().values
+    logits = F.linear(input, weight.index_select(0, slots), None if bias is None else bias.index_select(0, slots))
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    column = torch.full((max(width, 1),), -1, dtype=torch.long, device=weight.device)
+    column[slots] = torch.arange(len(slots), device=weight.device)
+    ignored = target == ignore_index
+    moved = torch.where(ignored, -100, column[target.clamp(0, max(width - 1, 0))])
+    loss = F.cross_entropy(
+        logits.reshape(-1, len(slots)),
+        moved.reshape(-1),
+        weight=None if class_weight is None else class_weight[slots].to(logits.dtype),
+        ignore_index=-100,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    return loss.reshape(target.shape) if reduction == "none" else loss
