@@ -13,10 +13,14 @@ This is the only growop module that imports ``transformers``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import types
+import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
@@ -33,13 +37,17 @@ from growop.embedding import GrowEmbedding
 from growop.modules import GrowLinear, default_capacity
 from growop.rows import GROWTH_FACTOR, checked_int
 
-__all__ = ["make_growable", "resize_token_embeddings", "to_plain"]
+__all__ = ["fuse_loss", "make_growable", "resize_token_embeddings", "to_plain"]
 
 _RESIZE = "resize_token_embeddings"
 
 
 def make_growable(
-    model: PreTrainedModel, capacity: int | None = None, *, static_shape: bool = False
+    model: PreTrainedModel,
+    capacity: int | None = None,
+    *,
+    static_shape: bool = False,
+    fused_loss: bool = False,
 ) -> PreTrainedModel:
     """Makes ``model``'s vocabulary growable in place and returns ``model``.
 
@@ -53,6 +61,10 @@ def make_growable(
     ``model.resize_token_embeddings`` then grows in place (see
     :func:`resize_token_embeddings`) and ``config.vocab_size`` always equals the logits'
     width. Build the optimizer after this call: the Parameters are new (``capacity`` rows).
+
+    ``fused_loss=True``: a call with ``labels``, in training mode with gradients enabled,
+    computes the loss with :meth:`GrowLinear.cross_entropy` from the head's input, never
+    making the logits, and returns ``.logits = None`` (see :func:`fuse_loss`).
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"make_growable expects a transformers PreTrainedModel, got {type(model).__name__}")
@@ -60,6 +72,8 @@ def make_growable(
     head = model.get_output_embeddings()
     if isinstance(embedding, GrowEmbedding):
         raise ValueError("make_growable: this model's embeddings are already growop modules")
+    if fused_loss:
+        _check_fusable(model)
     if not isinstance(embedding, nn.Embedding):
         raise TypeError(
             f"make_growable: the input embeddings must be an nn.Embedding, got {type(embedding).__name__}"
@@ -116,6 +130,8 @@ def make_growable(
             model.register_forward_pre_hook(_sync_before_forward),
         )
     _sync_vocab_size(model)
+    if fused_loss:
+        fuse_loss(model)
     return model
 
 
@@ -236,6 +252,7 @@ def to_plain(model: PreTrainedModel) -> PreTrainedModel:
         hook.remove()
     for hook in model.__dict__.pop("_growop_bias_hooks", ()):
         hook.remove()
+    _unfuse_loss(model)
     _sync_vocab_size(model)
     return model
 
@@ -383,3 +400,238 @@ def _draw_normal_(model: PreTrainedModel, embedding: GrowEmbedding, rows: range)
                 distributed.write_rows_(param, rows.start, values.normal_(0.0, std))
             else:
                 param[rows.start : rows.stop].normal_(0.0, std)
+
+
+# ----------------------------------------------------------------------------- fused loss
+#
+# A causal LM in transformers 5.x computes ``logits = self.lm_head(hidden)`` and then
+# ``self.loss_function(logits=logits, labels=labels, vocab_size=..., **kwargs)``. With the
+# loss fused, a call that wants a training loss (labels given, training mode, gradients on)
+# is marked by a forward pre-hook on the model; the head (a _LossHead) then keeps its input
+# and returns a zero-width stand-in instead of the logits; the model's loss_function (a
+# _FusedLoss) finds the stand-in and computes GrowLinear.cross_entropy on the kept input; and
+# a forward hook takes the stand-in out of the output (``.logits`` is None). Any other call
+# (evaluation, no labels, no gradients) runs the stock head and loss. A model that does
+# anything to the logits between its head and its loss (Gemma 2/3's softcapping, BART's
+# final_logits_bias) passes something else to its loss: that call raises, naming the cause,
+# and such models are refused up front where their config says so.
+
+
+def fuse_loss(model: PreTrainedModel) -> PreTrainedModel:
+    """Makes a growable causal LM compute its training loss fused, and returns ``model``.
+
+    Called by ``make_growable(model, fused_loss=True)``. From then on a call with ``labels``,
+    in training mode and with gradients enabled, returns ``.loss`` as transformers' own loss
+    would be on the live vocabulary (the same shift, or ``shift_labels`` when given;
+    ``ignore_index=-100``; with ``num_items_in_batch``, the sum over tokens divided by it) and
+    ``.logits`` None: the ``(tokens, vocabulary)`` logits are never made (see
+    :func:`growop.linear_cross_entropy`). Evaluation, calls without labels and calls without
+    gradients return logits as usual.
+
+    The Trainer's ``label_smoothing_factor`` takes the labels away from the model and smooths
+    over the logits it gets back, over every column, masked ones included (``inf`` on a
+    ``static_shape`` or deactivated vocabulary). The first call of this function wraps
+    transformers' ``LabelSmoother.__call__`` so that, given logits from a model this function
+    fused, it smooths over the live columns only (exactly ``F.cross_entropy`` with
+    ``label_smoothing`` over them); for any other logits it runs the stock code unchanged.
+    Importing growop changes nothing.
+
+    Refused with a ``ValueError``: encoder-decoder models and heads that post-process their
+    logits (Gemma 2/3's ``final_logit_softcapping``), which a fused loss cannot reproduce.
+    """
+    _check_fusable(model)
+    head = model.get_output_embeddings()
+    if not isinstance(head, GrowLinear):
+        raise TypeError("fuse_loss: call growop.transformers.make_growable(model) first")
+    if isinstance(head, _LossHead):
+        return model
+    head.__class__ = _LossHead
+    model.loss_function = _FusedLoss(model)
+    model._growop_fused_hooks = (
+        model.register_forward_pre_hook(_mark_fused_call, with_kwargs=True),
+        model.register_forward_hook(_finish_fused_call, always_call=True),
+    )
+    _smooth_labels_over_live_columns()
+    return model
+
+
+def _check_fusable(model: PreTrainedModel) -> None:
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"fused_loss: {type(model).__name__} is an encoder-decoder model; the fused loss "
+            "supports decoder-only causal LMs (use fused_loss=False)"
+        )
+    softcap = getattr(config.get_text_config(), "final_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(
+            f"fused_loss: {type(model).__name__} caps its logits (final_logit_softcapping="
+            f"{softcap}) between its head and its loss, which a fused linear cross-entropy "
+            "does not reproduce; use fused_loss=False"
+        )
+
+
+class _LossHead(GrowLinear):
+    """A GrowLinear whose forward, in a call marked for the fused loss, keeps its input and
+    returns a zero-width stand-in for the logits (see :func:`fuse_loss`)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        call = self.__dict__.get("_growop_call")
+        if call is None or call.hidden is not None:
+            return super().forward(input)
+        call.hidden = input
+        call.stand_in = input.new_empty((*input.shape[:-1], 0))
+        return call.stand_in
+
+
+class _FusedCall:
+    """One forward of a fused model that wants its training loss."""
+
+    def __init__(self) -> None:
+        self.hidden: torch.Tensor | None = None
+        self.stand_in: torch.Tensor | None = None
+        self.consumed = False
+
+
+def _mark_fused_call(model, args, kwargs):
+    head = model.get_output_embeddings()
+    if not isinstance(head, _LossHead):
+        return None
+    labels = kwargs.get("labels")
+    if labels is None and args:
+        labels = inspect.signature(model.forward).bind_partial(*args).arguments.get("labels")
+    wanted = labels is not None and model.training and torch.is_grad_enabled()
+    head._growop_call = _FusedCall() if wanted else None
+    return None
+
+
+def _finish_fused_call(model, args, output):
+    head = model.get_output_embeddings()
+    call = head.__dict__.get("_growop_call") if isinstance(head, _LossHead) else None
+    if call is None:
+        if isinstance(head, _LossHead):
+            _note_live_logits(output, head)
+        return None
+    head._growop_call = None
+    if output is None or call.hidden is None:  # the forward raised, or never reached the head
+        return None
+    if not call.consumed:
+        raise RuntimeError(
+            f"fused_loss: {type(model).__name__} did not pass its head's output to "
+            "self.loss_function, so the fused loss was not computed; this model is not "
+            "supported with fused_loss=True"
+        )
+    if isinstance(output, tuple):
+        return tuple(value for value in output if value is not call.stand_in)
+    return type(output)(**{key: value for key, value in output.items() if key != "logits"})
+
+
+class _FusedLoss:
+    """The loss_function of a fused model: transformers' causal-LM loss, computed by the head
+    from its input where the call was marked (else the model's own loss function)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.stock = model.loss_function
+        self.model_had_its_own = "_loss_function" in model.__dict__
+
+    def __call__(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
+                 shift_labels=None, **kwargs):
+        head = self.model.get_output_embeddings()
+        call = head.__dict__.get("_growop_call") if isinstance(head, _LossHead) else None
+        if call is None or call.hidden is None:
+            return self.stock(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                              ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+        if logits is not call.stand_in:
+            raise RuntimeError(
+                f"fused_loss: {type(self.model).__name__} changes its head's logits before its "
+                "loss, which the fused loss cannot reproduce; use fused_loss=False"
+            )
+        hidden = call.hidden
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = shift_labels.to(hidden.device)
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = head.cross_entropy(hidden, shift_labels, ignore_index=ignore_index, reduction=reduction)
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        call.consumed = True
+        return loss
+
+
+def _unfuse_loss(model: PreTrainedModel) -> None:
+    """Undoes :func:`fuse_loss` (for ``to_plain``); the head is replaced by the caller."""
+    for hook in model.__dict__.pop("_growop_fused_hooks", ()):
+        hook.remove()
+    loss = model.__dict__.get("_loss_function")
+    if isinstance(loss, _FusedLoss):
+        if loss.model_had_its_own:
+            model.loss_function = loss.stock
+        else:
+            del model._loss_function
+
+
+# Logits returned by fused models: id(logits) -> (a weak reference to them, their head). An
+# entry leaves when its logits are freed (so an id is never mistaken for a later tensor's).
+_LIVE_LOGITS: dict[int, tuple[weakref.ref, GrowLinear]] = {}
+
+
+def _note_live_logits(output, head: GrowLinear) -> None:
+    logits = output.get("logits") if isinstance(output, dict) else None
+    if isinstance(logits, torch.Tensor):
+        key = id(logits)
+        _LIVE_LOGITS[key] = (weakref.ref(logits, lambda _, key=key: _LIVE_LOGITS.pop(key, None)), head)
+
+
+def _head_of_live_logits(logits) -> GrowLinear | None:
+    entry = _LIVE_LOGITS.get(id(logits))
+    return entry[1] if entry is not None and entry[0]() is logits else None
+
+
+def _smooth_labels_over_live_columns() -> None:
+    """Wraps ``LabelSmoother.__call__`` once (see :func:`fuse_loss`)."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    stock = LabelSmoother.__call__
+    if getattr(stock, "_growop_stock", None) is not None:
+        return
+
+    @functools.wraps(stock)
+    def __call__(self, model_output, labels, *args, **kwargs):
+        logits = model_output["logits"] if isinstance(model_output, dict) else model_output[0]
+        head = _head_of_live_logits(logits)
+        if head is None:
+            return stock(self, model_output, labels, *args, **kwargs)
+        bound = inspect.signature(stock).bind(self, model_output, labels, *args, **kwargs).arguments
+        return _live_label_smoothing(
+            logits, labels, head, self.epsilon, self.ignore_index,
+            bound.get("shift_labels", False), bound.get("num_items_in_batch"),
+        )
+
+    __call__._growop_stock = stock
+    LabelSmoother.__call__ = __call__
+
+
+def _live_label_smoothing(logits, labels, head: GrowLinear, epsilon: float, ignore_index: int,
+                          shift_labels: bool, num_items_in_batch) -> torch.Tensor:
+    """``LabelSmoother``'s loss with the softmax and the smoothing over the live columns only:
+    ``(1 - eps) * nll + eps * mean over live columns of -log p``, summed over tokens not
+    ignored and divided by their count (or by ``num_items_in_batch``)."""
+    if shift_labels:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    labels = labels.to(logits.device)
+    live = head.active[: logits.shape[-1]]
+    log_probs = torch.log_softmax(logits.float().masked_fill(~live, -math.inf), dim=-1)
+    ignored = labels.eq(ignore_index)
+    nll = -log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    smoothed = -log_probs.masked_fill(~live, 0).sum(-1) / live.sum()
+    per_token = ((1 - epsilon) * nll + epsilon * smoothed).masked_fill(ignored, 0)
+    if num_items_in_batch is None:
+        denominator = (~ignored).sum()
+    elif torch.is_tensor(num_items_in_batch):
+        denominator = num_items_in_batch.to(per_token.device)
+    else:
+        denominator = num_items_in_batch
+    return per_token.sum() / denominator
