@@ -57,7 +57,8 @@ def _assert_close_scaled(actual, expected, dtype, what, floor):
 
 
 def _check_against_reference(kind, dtype, reduction, smoothing, *, bias=True, classes=None,
-                             class_weight=None, chunk_size=(5, 7), ignore_index=-100, seed=0):
+                             class_weight=None, chunk_size=(5, 7), ignore_index=-100, seed=0,
+                             live_count=None):
     weight, b, active, width, x, target = _problem(kind, dtype, bias=bias, classes=classes, seed=seed)
     if ignore_index != -100:
         target = torch.where(target == -100, ignore_index, target)
@@ -66,7 +67,9 @@ def _check_against_reference(kind, dtype, reduction, smoothing, *, bias=True, cl
 
     def fused(x, w, *rest):
         return growop.linear_cross_entropy(x, w, target, rest[0] if rest else None, active=active,
-                                           out_features=width, chunk_size=chunk_size, **options)
+                                           out_features=width, chunk_size=chunk_size,
+                                           live_count=live_count(active, width) if live_count else None,
+                                           **options)
 
     def plain(x, w, *rest):
         return reference.linear_cross_entropy(x, w, rest[0] if rest else None, active, target, width,
@@ -177,6 +180,63 @@ def test_many_dimensional_input():
     one = growop.linear_cross_entropy(x[0, 1], weight, target[0, 1], b, active=active,
                                       out_features=width, reduction="none")
     assert one.shape == () and torch.allclose(one, expected[0, 1])
+
+
+# ----------------------------------------------------------------------------- CUDA's way, on the CPU
+
+
+@pytest.fixture
+def as_cuda(monkeypatch):
+    """The kernels plan as on CUDA: nothing read on the host (the classes' count from the live
+    count or from classes), checks as device-side asserts (on the CPU, errors)."""
+    monkeypatch.setenv("GROWOP_LOSS_PLAN_AS_CUDA", "1")
+
+
+def _live_count(active, width):
+    return int(active[:width].sum())
+
+
+CUDA_PLANS = {
+    # kind, live count given, classes: a subset of the live slots
+    "all_live": ("all", True, False),  # views of the weight, no mask read
+    "packed": ("mixed", True, False),  # the live rows found on the device and gathered
+    "masked": ("mixed", False, False),  # no count: every row below width, dead ones masked
+    "classes": ("random", False, True),  # classes sorted and checked on the device
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("plan", CUDA_PLANS)
+def test_cuda_plan_matches_reference(as_cuda, plan, reduction, dtype):
+    kind, counted, subset = CUDA_PLANS[plan]
+    _, _, active, width, _, _ = _problem(kind)
+    live = active[:width].nonzero().squeeze(1)
+    classes = live[1::2].tolist() if subset else None
+    class_weight = torch.rand(width, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    for smoothing in (0.0, 0.1):
+        _check_against_reference(kind, dtype, reduction, smoothing, classes=classes,
+                                 class_weight=class_weight, live_count=_live_count if counted else None)
+
+
+def test_cuda_plan_checks_on_the_device(as_cuda):
+    weight, b, active, width, x, target = _problem("random")
+    live = active[:width].nonzero().squeeze(1)
+    dead = (~active[:width]).nonzero().squeeze(1)
+    count = _live_count(active, width)
+    target = torch.where(target == -100, live[0], target)
+    cases = [
+        (target.clone().index_fill_(0, torch.tensor([3]), dead[0]), {}, "a target is out of range, not live"),
+        (target.clone().index_fill_(0, torch.tensor([3]), width), {"live_count": count}, "a target is out of range"),
+        (torch.full_like(target, int(live[0])), {"classes": live[1:]}, "not in classes"),
+        (target, {"classes": torch.cat([live, dead[:1]])}, "classes holds a slot that is not live"),
+        (target, {"classes": torch.cat([live, live[:1]])}, "classes holds a slot more than once"),
+        (target, {"classes": torch.cat([live, torch.tensor([width])])}, "classes holds a slot out of range"),
+        (target, {"live_count": count + 1}, "live_count is not the number of live rows"),
+    ]
+    for t, kwargs, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            growop.linear_cross_entropy(x, weight, t, b, active=active, out_features=width, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the layer
