@@ -397,3 +397,17 @@ def _loss_autocast_kernel(device_type: str):
 
 for _device_type, _dispatch_key in AUTOCAST_DISPATCH_KEYS.items():
     torch.library.impl("growop::linear_cross_entropy", _dispatch_key, _loss_autocast_kernel(_device_type))
+
+
+# The loss is per sample under vmap: each op runs once per slice (a vmapped 'mean' or 'sum'
+# is one loss per sample, so slices cannot share one call). The internal ops run under
+# vmap(grad(...)), per-sample gradients, below the C++ autograd.
+def _loss_vmap(op):
+    def rule(info, in_dims, *args):
+        return _per_slice(op, info, in_dims, args), 0
+
+    return rule
+
+
+for _name in ("linear_cross_entropy", "_linear_cross_entropy_forward", "_linear_cross_entropy_backward"):
+    torch.library.register_vmap(f"growop::{_name}", _loss_vmap(getattr(_ops, _name).default))

@@ -361,6 +361,26 @@ def test_torch_func_grad_matches_backward():
     torch.testing.assert_close(gw, ew)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_vmap_and_per_sample_gradients(reduction):
+    """torch.func.vmap runs each sample's loss (and, under grad, its gradients) on its own."""
+    weight, b, active, width, _, _ = _problem("mixed")
+    live = active[:width].nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(5)
+    xs = torch.randn(3, 4, IN_FEATURES, generator=g, dtype=torch.float64)
+    ts = live[torch.randint(len(live), (3, 4), generator=g)]
+
+    def loss(w, x, t):
+        return growop.linear_cross_entropy(x, w, t, b, active=active, out_features=width,
+                                           reduction=reduction, label_smoothing=0.1).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(weight, xs, ts)
+    expected = torch.stack([torch.func.grad(loss)(weight, xs[i], ts[i]) for i in range(3)])
+    torch.testing.assert_close(per_sample, expected)
+    losses = torch.func.vmap(loss, in_dims=(None, 0, 0))(weight, xs, ts)
+    torch.testing.assert_close(losses, torch.stack([loss(weight, xs[i], ts[i]) for i in range(3)]))
+
+
 def test_retained_graph_backward_twice_gives_the_same_gradients():
     """The forward's gradients are scaled in place only when the graph is released."""
     weight, b, active, width, x, target = _problem("random")

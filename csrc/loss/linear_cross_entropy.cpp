@@ -50,13 +50,14 @@ constexpr const char* kOp = "growop.linear_cross_entropy";
 // hold about kChunkAspect times the input's elements (so the extra memory
 // scales with the input, not with tokens x classes), and a problem whose
 // logits stay under kSingleChunkElements is one chunk. Every chunk streams the
-// weight and its gradient through its GEMMs once, so a chunk has at least
-// kMinChunkTokens tokens: measured on the CPU at (2048, 1024 -> 32000), a
-// forward GEMM of 128-token chunks took 1.3x the time of one over all tokens,
-// one of 512 or more the same time.
+// weight and its gradient through its GEMMs once, and gathers a fragmented
+// mask's rows twice, so a chunk has at least kMinChunkTokens tokens: measured
+// on the CPU at (2048, 1024 -> 32000), a forward GEMM of 128-token chunks took
+// 1.3x the time of one over all tokens, one of 512 or more the same time; the
+// gathers' share halves again from 512 to 1024.
 constexpr int64_t kChunkAspect = 2;
 constexpr int64_t kSingleChunkElements = int64_t{1} << 22;
-constexpr int64_t kMinChunkTokens = 512;
+constexpr int64_t kMinChunkTokens = 1024;
 // A run of consecutive rows at least this long is multiplied in place;
 // shorter runs are gathered (the CPU masked_linear kernel's threshold).
 constexpr int64_t kMinDirectRun = 64;
