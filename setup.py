@@ -36,7 +36,9 @@ def sources() -> list[str]:
     files = [
         ROOT / "csrc" / "growop.cpp",
         *sorted((ROOT / "csrc" / "cpu").glob("*.cpp")),
-        *(ROOT / "csrc" / job / "linear_cross_entropy.cpp" for job in ("ops", "loss", "autograd")),
+        ROOT / "csrc" / "ops" / "linear_cross_entropy.cpp",
+        ROOT / "csrc" / "loss" / "linear_cross_entropy_kernel.cpp",
+        ROOT / "csrc" / "autograd" / "linear_cross_entropy_autograd.cpp",
     ]
     return [str(path.relative_to(ROOT)) for path in files]
 

@@ -34,7 +34,9 @@ def cpu_sources() -> list[Path]:
     return [
         _CSRC / "growop.cpp",
         *sorted((_CSRC / "cpu").glob("*.cpp")),
-        *(_CSRC / job / "linear_cross_entropy.cpp" for job in ("ops", "loss", "autograd")),
+        _CSRC / "ops" / "linear_cross_entropy.cpp",
+        _CSRC / "loss" / "linear_cross_entropy_kernel.cpp",
+        _CSRC / "autograd" / "linear_cross_entropy_autograd.cpp",
     ]
 
 

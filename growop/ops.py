@@ -317,7 +317,7 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check_loss_arguments(op, input, weight, bias, active, target, width, classes, class_weight,
                           reduction):
-    """What the kernels check (csrc/loss/linear_cross_entropy.cpp), on shapes only."""
+    """What the kernels check (csrc/loss/linear_cross_entropy_kernel.cpp), on shapes only."""
     _check_devices(op, weight, input=input, bias=bias, active=active, target=target,
                    classes=classes, class_weight=class_weight)
     _check_mask(weight, active)

@@ -39,6 +39,13 @@ def test_setup_py_builds_the_sources_the_jit_build_uses():
     assert sources[0].name == "growop.cpp" and all(path.is_file() for path in sources)
 
 
+def test_sources_have_distinct_file_names():
+    """The JIT build (torch.utils.cpp_extension.load) names each object file after its
+    source's file name alone: two sources of one name in different folders collide."""
+    names = [path.name for path in _extension.cpu_sources() + _extension.cuda_sources()]
+    assert len(names) == len(set(names)), sorted(names)
+
+
 def test_jit_build_works_without_the_prebuilt_module():
     result = run_python(
         "import torch, growop\n"

@@ -291,7 +291,7 @@ struct Problem {
   Tensor class_weight;   // (K,) acc: each column's class weight, 0 outside the softmax
   Tensor weight_sum;     // () acc: sum of class_weight
   Tensor per_class;      // () acc: smoothing / (classes in the softmax), 0 if none
-  Tensor column_bias;    // (K,): each column's bias, or undefined
+  Tensor column_bias;    // (K,) acc: each column's bias, or undefined
   Tensor scratch;        // (gather rows, in): gathered weight rows
   const Piece* scratch_holds = nullptr;  // the piece whose rows the scratch holds
 
@@ -390,10 +390,14 @@ void run_chunks(Problem& p, const Tensor& lse_in, const Tensor& scale, Outputs& 
       Tensor block = z.narrow(1, piece.column, piece.count);
       at::mm_out(block, xc, p.piece_weight(piece).t());
     }
-    if (p.column_bias.defined()) {  // one pass for every piece
-      z.add_(p.column_bias);
+    // The bias, in one pass for every piece; for bfloat16/float16, added in float32
+    // as the products become the softmax's float32 logits.
+    Tensor f = p.low_precision() ? statistics.narrow(0, 0, n) : z;
+    if (p.column_bias.defined()) {
+      at::add_out(f, z, p.column_bias);
+    } else if (p.low_precision()) {
+      f.copy_(z);
     }
-    Tensor f = p.low_precision() ? statistics.narrow(0, 0, n).copy_(z) : z;
     // sum_c w_c z_c, before the columns outside the softmax (weight 0) are masked.
     const Tensor weighted = smoothing && !lse_in.defined() ? at::mv(f, p.class_weight) : Tensor();
     if (s.column_mask.defined()) {
@@ -629,7 +633,8 @@ Problem prepare(const Arguments& a) {
   }
   p.chunk = std::max<int64_t>(1, std::min(p.chunk, std::max<int64_t>(tokens, 1)));
   if (p.bias.defined()) {
-    p.column_bias = s.slots.defined() ? p.bias.index_select(0, s.slots) : p.bias.narrow(0, 0, s.columns);
+    p.column_bias = (s.slots.defined() ? p.bias.index_select(0, s.slots) : p.bias.narrow(0, 0, s.columns))
+                        .to(p.acc);
   }
   int64_t gathered_rows = 0;
   for (const Piece& piece : s.pieces) {
