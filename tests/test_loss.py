@@ -459,15 +459,19 @@ def test_compile_fullgraph_matches_eager_and_static_shape_grows_never_recompile(
 
 
 def test_compile_default_mode_follows_the_width():
+    """Without static_shape the width is traced as an int: the first grow recompiles once with
+    a dynamic width, later ones not at all (as for the layer's forward)."""
     torch.manual_seed(0)
     head = growop.GrowLinear(IN_FEATURES, 6, capacity=30)
-    compiled = torch.compile(lambda x, t: head.cross_entropy(x, t, reduction="none"), backend="aot_eager",
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda x, t: head.cross_entropy(x, t, reduction="none"), backend=counter,
                              fullgraph=True)
     x = torch.randn(TOKENS, IN_FEATURES)
-    for _ in range(3):
+    for _ in range(4):
         t = torch.randint(head.out_features, (TOKENS,))
         torch.testing.assert_close(compiled(x, t), head.cross_entropy(x, t, reduction="none"))
         head.grow(2)
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 4 widths"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
