@@ -94,9 +94,9 @@ def linear_cross_entropy(
             or an integer tensor; each once): a sub-loss over, say, the newest classes only.
         class_weight: ``(out_features,)`` floating, a weight per slot, as
             ``F.cross_entropy``'s ``weight`` (not differentiated).
-        chunk_size: tokens per chunk, or ``(tokens, classes)``; ``None`` chooses (the
-            logits of a chunk about twice the input's size). It never changes the result
-            beyond rounding.
+        chunk_size: tokens per chunk, or ``(tokens, classes)``; ``None`` chooses (a chunk's
+            logits about twice the input's size, and at least 1024 tokens). It never
+            changes the result beyond rounding.
         live_count: the live rows below ``out_features``, where the caller knows it without
             reading ``active`` (as for :func:`masked_linear`). On CUDA it lets the op gather
             only the live rows without a host sync; without it CUDA multiplies every row
