@@ -26,7 +26,7 @@ class GrowEmbedding(GrowRows, nn.Embedding):
     are live. :meth:`grow` makes the next rows live: within capacity it allocates no new
     storage, and the Parameter, its ``data_ptr()``, the optimizer's state and DDP's buckets
     stay valid. Rows, their mask, growing, reallocation and checkpoints are
-    :class:`growop.rows.GrowRows`'; this class adds the lookup.
+    :mod:`growop.rows`'; this class adds the lookup.
 
     A lookup never reads a row that is not live: an id ``>= num_embeddings``, negative, or
     of a deactivated row raises ``IndexError`` on the CPU, as ``nn.Embedding`` does for an
@@ -56,16 +56,19 @@ class GrowEmbedding(GrowRows, nn.Embedding):
     Attributes:
         weight: ``(capacity, embedding_dim)`` Parameter.
         active: bool buffer ``(capacity,)``; rows ``>= num_embeddings`` are never live.
-        num_embeddings: token slots in use; grows with :meth:`grow`. Ids below it are valid
-            unless deactivated.
+        num_embeddings: token slots in use; grows with :meth:`grow` (read-only). Ids below
+            it are valid unless deactivated.
         capacity: rows allocated.
+        live_count: live rows, ``int(active.sum())``, kept on the host.
+        rows: a read-only view of the rows (``used``, ``live``, ``capacity``, ``params``),
+            shared with the layers this one grows together with.
 
     Shape:
         - Input: ``(*)``, integer ids.
         - Output: ``(*, embedding_dim)``.
     """
 
-    _used_attr = "num_embeddings"
+    _used_name = "num_embeddings"
 
     def __init__(
         self,
@@ -107,7 +110,6 @@ class GrowEmbedding(GrowRows, nn.Embedding):
                 f"GrowEmbedding: _weight has shape {tuple(_weight.shape)}, expected "
                 f"(num_embeddings, embedding_dim) = ({num_embeddings}, {embedding_dim})"
             )
-        self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
         self.max_norm = max_norm
@@ -125,6 +127,15 @@ class GrowEmbedding(GrowRows, nn.Embedding):
                 self.weight[:num_embeddings].copy_(_weight)
                 self.weight[num_embeddings:].zero_()
 
+    @property
+    def num_embeddings(self) -> int:
+        """Token slots in use; grows with :meth:`grow`."""
+        return self._rows.used
+
+    @num_embeddings.setter
+    def num_embeddings(self, value: int) -> None:
+        self._assign_used(value)
+
     def reset_parameters(self) -> None:
         """Leaves the layer as its constructor would: every row drawn as ``nn.Embedding``
         draws it (``N(0, 1)``, the padding row zero), every slot in use live, and a new seed
@@ -137,9 +148,11 @@ class GrowEmbedding(GrowRows, nn.Embedding):
         if self.sparse:
             raise RuntimeError(_SPARSE_UNSUPPORTED)
         active = self._buffers.get("active")  # the tensor itself, also under torch.fx
+        live_count = None
         if active is not None and not torch.compiler.is_compiling():
-            self._live_count_for(active)  # counts follow a mask something else wrote
-        input = self._check_ids(input)
+            # Counts follow a mask something else wrote; None for one swapped in for a call.
+            live_count = self._rows.live_count_for(self, active)
+        input = self._check_ids(input, live_count)
         return F.embedding(
             input,
             self.weight,
@@ -250,8 +263,11 @@ class GrowEmbedding(GrowRows, nn.Embedding):
 
     # ------------------------------------------------------------------ internals
 
-    def _check_ids(self, input: Tensor) -> Tensor:
-        """Raises unless every id is live, before any row is read; returns the ids."""
+    def _check_ids(self, input: Tensor, live_count: int | None) -> Tensor:
+        """Raises unless every id is live, before any row is read; returns the ids.
+
+        ``live_count`` is the layer's live count where it describes the mask, else None.
+        """
         recorded = torch.jit.is_tracing() or is_fx_symbolic_tracing() or torch.compiler.is_exporting()
         if not is_fx_symbolic_tracing() and (
             input.is_floating_point() or input.is_complex() or input.dtype == torch.bool
@@ -259,9 +275,8 @@ class GrowEmbedding(GrowRows, nn.Embedding):
             return input  # F.embedding gives its own error for non-integer ids
         compiling = torch.compiler.is_compiling()
         if not (recorded or compiling):  # host counts, read only where nothing guards on them
-            used = self.num_embeddings
-            # A mask swapped in for this call (functional_call) is not the one counted.
-            all_live = self._live_count == used and self.active is self._mask_seen
+            used = self._rows.used
+            all_live = live_count == used
         if recorded or compiling or input.device.type != "cpu":
             # No host synchronisation: a device-side assertion, as nn.Embedding's.
             capacity = self.weight.shape[0]
