@@ -40,7 +40,7 @@ class GrowEmbedding(GrowRows, nn.Embedding):
     are live. :meth:`grow` makes the next rows live: within capacity it allocates no new
     storage, and the Parameter, its ``data_ptr()``, the optimizer's state and DDP's buckets
     stay valid. Rows, their mask, growing, reallocation and checkpoints are
-    :class:`growop.rows.GrowRows`'; this class adds the lookup.
+    :mod:`growop.rows`'; this class adds the lookup.
 
     A lookup never reads a row that is not live: an id ``>= num_embeddings``, negative, or
     of a deactivated row raises ``IndexError`` on the CPU, as ``nn.Embedding`` does for an
@@ -70,16 +70,19 @@ class GrowEmbedding(GrowRows, nn.Embedding):
     Attributes:
         weight: ``(capacity, embedding_dim)`` Parameter.
         active: bool buffer ``(capacity,)``; rows ``>= num_embeddings`` are never live.
-        num_embeddings: token slots in use; grows with :meth:`grow`. Ids below it are valid
-            unless deactivated.
+        num_embeddings: token slots in use; grows with :meth:`grow` (read-only). Ids below
+            it are valid unless deactivated.
         capacity: rows allocated.
+        live_count: live rows, ``int(active.sum())``, kept on the host.
+        rows: a read-only view of the rows (``used``, ``live``, ``capacity``, ``params``),
+            shared with the layers this one grows together with.
 
     Shape:
         - Input: ``(*)``, integer ids.
         - Output: ``(*, embedding_dim)``.
     """
 
-    _used_attr = "num_embeddings"
+    _used_name = "num_embeddings"
 
     def __init__(
         self,
@@ -124,7 +127,6 @@ class GrowEmbedding(GrowRows, nn.Embedding):
                 f"GrowEmbedding: _weight has shape {tuple(_weight.shape)}, expected "
                 f"(num_embeddings, embedding_dim) = ({num_embeddings}, {embedding_dim})"
             )
-        self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
         self.max_norm = max_norm
@@ -142,6 +144,15 @@ class GrowEmbedding(GrowRows, nn.Embedding):
                 self.weight[:num_embeddings].copy_(_weight)
                 self.weight[num_embeddings:].zero_()
 
+    @property
+    def num_embeddings(self) -> int:
+        """Token slots in use; grows with :meth:`grow`."""
+        return self._rows.used
+
+    @num_embeddings.setter
+    def num_embeddings(self, value: int) -> None:
+        self._assign_used(value)
+
     def reset_parameters(self) -> None:
         """Leaves the layer as its constructor would: every row drawn as ``nn.Embedding``
         draws it (``N(0, 1)``, the padding row zero), every slot in use live, and a new seed
@@ -154,9 +165,11 @@ class GrowEmbedding(GrowRows, nn.Embedding):
         if self.sparse:
             raise RuntimeError(_SPARSE_UNSUPPORTED)
         active = self._buffers.get("active")  # the tensor itself, also under torch.fx
+        live_count = None
         if active is not None and not torch.compiler.is_compiling():
-            self._live_count_for(active)  # counts follow a mask something else wrote
-        input = self._check_ids(input)
+            # Counts follow a mask something else wrote; None for one swapped in for a call.
+            live_count = self._rows.live_count_for(self, active)
+        input = self._check_ids(input, live_count)
         return F.embedding(
             input,
             self.weight,
@@ -267,9 +280,10 @@ class GrowEmbedding(GrowRows, nn.Embedding):
 
     # ------------------------------------------------------------------ internals
 
-    def _check_ids(self, input: Tensor) -> Tensor:
+    def _check_ids(self, input: Tensor, live_count: int | None) -> Tensor:
         """Raises unless every id is live, before any row is read; returns the ids.
 
+        ``live_count`` is the layer's live count where it describes the mask, else None.
         Ids F.embedding does not take (not a tensor, a dtype other than int64 and int32)
         reach it unchecked, so the error is ``nn.Embedding``'s own. Under ``torch.func.vmap``
         (a vmap over ids, ``vmap(grad)``, ``stack_module_state`` ensembles) no value is read
@@ -284,9 +298,8 @@ class GrowEmbedding(GrowRows, nn.Embedding):
         compiling = torch.compiler.is_compiling()
         batched = not (recorded or compiling) and _inside_vmap()
         if not (recorded or compiling):  # host counts, read only where nothing guards on them
-            used = self.num_embeddings
-            # A mask swapped in for this call (functional_call) is not the one counted.
-            all_live = self._live_count == used and self.active is self._mask_seen
+            used = self._rows.used
+            all_live = live_count == used
         if recorded or compiling or batched or input.device.type != "cpu":
             # No host synchronisation: a device-side assertion, as nn.Embedding's.
             capacity = self.weight.shape[0]

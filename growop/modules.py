@@ -47,8 +47,11 @@ class GrowLinear(GrowRows, nn.Linear):
         weight: ``(capacity, in_features)`` Parameter.
         bias: ``(capacity,)`` Parameter, or ``None``.
         active: bool buffer ``(capacity,)``; rows ``>= out_features`` are never live.
-        out_features: output slots in use; grows with :meth:`grow`.
+        out_features: output slots in use; grows with :meth:`grow` (read-only).
         capacity: rows allocated.
+        live_count: live rows, ``int(active.sum())``, kept on the host.
+        rows: a read-only view of the rows (``used``, ``live``, ``capacity``, ``params``),
+            shared with the layers this one grows together with.
 
     Shape:
         - Input: ``(*, in_features)``.
@@ -58,7 +61,6 @@ class GrowLinear(GrowRows, nn.Linear):
     __constants__ = ["in_features"]
 
     in_features: int
-    out_features: int
     weight: Tensor
     active: Tensor
 
@@ -86,7 +88,6 @@ class GrowLinear(GrowRows, nn.Linear):
                 f"got {resolved_dtype}"
             )
         self.in_features = in_features
-        self.out_features = out_features
         self.mask_value = mask_value
         self.static_shape = bool(static_shape)
         self.weight = Parameter(torch.empty((capacity, in_features), **factory_kwargs))
@@ -98,6 +99,15 @@ class GrowLinear(GrowRows, nn.Linear):
         self.reset_parameters()
 
     # ------------------------------------------------------------------ basics
+
+    @property
+    def out_features(self) -> int:
+        """Output slots in use; grows with :meth:`grow`."""
+        return self._rows.used
+
+    @out_features.setter
+    def out_features(self, value: int) -> None:
+        self._assign_used(value)
 
     def reset_parameters(self) -> None:
         """Leaves the layer as its constructor would: every row initialised as ``nn.Linear``
@@ -130,14 +140,16 @@ class GrowLinear(GrowRows, nn.Linear):
         active = self._buffers.get("active")
         if active is None:
             active = self.active
-        # GrowRows._live_count_for, with its common case (the mask growop last wrote, as it
-        # left it) inline: a method call is felt by a small head's forward.
-        version = self._mask_version
-        if active is self._mask_seen and (version is None or active._version == version):
-            live_count = self._live_count
+        # RowSet.live_count_for, with its common case (the mask growop last wrote, as it
+        # left it) inline: a method call is felt by a small head's forward. The counts are
+        # read from the row set, which owns them.
+        rows = self._rows
+        seen, version = self._mask_record
+        if active is seen and (version is None or active._version == version):
+            live_count = rows.live
         else:
-            live_count = self._live_count_for(active)
-        width = weight.shape[0] if self.static_shape else self.out_features
+            live_count = rows.live_count_for(self, active)
+        width = weight.shape[0] if self.static_shape else rows.used
         return ops.masked_linear(input, weight, bias, active, width, self.mask_value, live_count)
 
     def _masked_linear(self, input: Tensor, width: int, live_count: int | None) -> Tensor:

@@ -53,10 +53,10 @@ START = "row_start"  # optimizer.state[param][START]["step"]: per-row start step
 # Per optimizer: (its state dict object, the params whose state holds start steps).
 # Rescanned when load_state_dict replaces the state object.
 _starts_by_optimizer: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# Row sets reallocated without the optimizer at hand: checked before every step, so state
-# sized for the old capacity raises a clear error instead of failing deep inside the
-# optimizer's arithmetic. Row sets, not Parameters: a weak reference to a Parameter would
-# stop swap_tensors (torch.__future__.set_swap_module_params_on_conversion).
+# Rows reallocated without the optimizer at hand (their layers' ``rows`` views): checked
+# before every step, so state sized for the old capacity raises a clear error instead of
+# failing deep inside the optimizer's arithmetic. Views, not Parameters: a weak reference
+# to a Parameter would stop swap_tensors (torch.__future__.set_swap_module_params_on_conversion).
 _reallocated: weakref.WeakSet = weakref.WeakSet()
 # Pre-step values of young rows, per optimizer: {id(param): (param, group, rows, values, step)}.
 _pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -173,15 +173,16 @@ def reset_rows(optimizer: torch.optim.Optimizer, params: list[Tensor], rows) -> 
                     distributed.zero_rows_(value, rows)
 
 
-def note_reallocated(row_set) -> None:
-    """Records that ``row_set``'s parameters changed size, for the pre-step size check."""
-    _reallocated.add(row_set)
+def note_reallocated(rows) -> None:
+    """Records that the Parameters of ``rows`` (a layer's ``rows`` view) changed size, for
+    the pre-step size check."""
+    _reallocated.add(rows)
 
 
 def _check_state_sizes(optimizer: torch.optim.Optimizer) -> None:
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for row_set in list(_reallocated):
-        for param in row_set.params():
+    for rows in list(_reallocated):
+        for param in rows.params:
             grad = param.grad if id(param) in held else None
             if grad is not None and grad.shape != param.shape:
                 raise RuntimeError(

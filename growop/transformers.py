@@ -31,8 +31,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 import growop
 from growop import distributed
 from growop.embedding import GrowEmbedding
-from growop.modules import GrowLinear, default_capacity
-from growop.rows import GROWTH_FACTOR, checked_int
+from growop.modules import GrowLinear
+from growop.rows import checked_int, default_capacity, grown_capacity
 
 __all__ = ["GrowVocabularyCallback", "make_growable", "resize_token_embeddings", "to_plain"]
 
@@ -181,10 +181,10 @@ def resize_token_embeddings(
         )
     capacity = embedding.capacity
     if new > capacity:  # the growth policy of grow(): room for the tokens to come
-        capacity = max(default_capacity(new), math.ceil(capacity * GROWTH_FACTOR))
+        capacity = grown_capacity(capacity, new)
     if multiple is not None:
         capacity = math.ceil(capacity / multiple) * multiple
-    if new > live and mean_resizing and embedding._live_count == 0:
+    if new > live and mean_resizing and embedding.live_count == 0:
         raise ValueError(  # before reserve() reallocates anything
             "resize_token_embeddings: mean_resizing needs at least one live token; "
             "reactivate one or pass mean_resizing=False"
@@ -515,7 +515,7 @@ def _draw_normal_(model: PreTrainedModel, embedding: GrowEmbedding, rows: range)
     """
     std = float(getattr(model.config.get_text_config(), "initializer_range", 0.02))
     with torch.no_grad():
-        for param in embedding._rows.params():
+        for param in embedding.rows.params:
             if param.dim() != 2:
                 continue
             if distributed.is_sharded(param):  # a DTensor's slice is a copy: blend rows in

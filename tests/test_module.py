@@ -135,6 +135,34 @@ def test_no_bias_registers_none():
     assert [name for name, _ in layer.named_parameters()] == ["weight"]
 
 
+def test_counts_are_read_only_and_follow_the_rows():
+    """out_features, live_count and the rows view read the layer's one record of its
+    counts, which only growing and masking change. out_features accepts the value it has
+    (code written for nn.Linear copies it across modules) and refuses any other, having
+    changed nothing."""
+    layer = make_layer(5, 3, capacity=6)
+    layer.grow(2)
+    layer.deactivate([1])
+    rows = layer.rows
+    assert (rows.used, rows.live, rows.capacity) == (layer.out_features, layer.live_count, layer.capacity)
+    assert (layer.out_features, layer.live_count, layer.capacity) == (5, 4, 6)
+    assert len(rows.params) == 2 and rows.params[0] is layer.weight and rows.params[1] is layer.bias
+    assert repr(rows) == "RowSetView(used=5, live=4, capacity=6, layers=1)"
+    for name in ("used", "live", "capacity", "params"):
+        with pytest.raises(AttributeError):
+            setattr(rows, name, 1)
+    layer.out_features = 5
+    with pytest.raises(AttributeError, match=r"out_features is the number of row slots in use \(5\).*grow\(k\)"):
+        layer.out_features = 7
+    with pytest.raises(AttributeError):
+        layer.live_count = 5
+    assert (layer.out_features, layer.live_count) == (5, 4)
+    assert layer(torch.randn(2, 5)).shape == (2, 5)
+    layer.grow(2)  # past capacity
+    assert layer.rows is rows and (rows.used, rows.live, rows.capacity) == (7, 6, layer.capacity)
+    assert rows.params[0] is layer.weight and rows.params[0].shape[0] == layer.capacity > 6
+
+
 def test_meta_device_construction():
     layer = GrowLinear(1000, 300, capacity=400, device="meta")
     assert layer.weight.device.type == "meta"
@@ -427,6 +455,17 @@ def test_grow_past_capacity_repeatedly_reallocates_geometrically():
     assert int(layer.active.sum()) == 61
     reallocations = len(set(capacities))
     assert reallocations <= 8, capacities
+
+
+@pytest.mark.parametrize("capacity,needed", [(1, 2), (10, 11), (10, 30), (64, 65)])
+def test_grow_past_capacity_reallocates_by_the_one_growth_rule(capacity, needed):
+    """grow's new capacity is growop.rows.grown_capacity, the rule that
+    resize_token_embeddings (growop.transformers) follows too."""
+    expected = max(growop.default_capacity(needed), math.ceil(capacity * 1.5))
+    assert growop.rows.grown_capacity(capacity, needed) == expected
+    layer = make_layer(5, 1, capacity=capacity)
+    layer.grow(needed - 1)
+    assert (layer.out_features, layer.capacity) == (needed, expected)
 
 
 # Regression: the registry of parameters reallocated without an optimizer once held them in a

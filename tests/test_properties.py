@@ -241,7 +241,7 @@ class GrowLinearMachine(RuleBasedStateMachine):
         def snapshot():
             return [
                 ([t.detach().clone() for t in (layer.weight, layer.bias, layer.active) if t is not None],
-                 (layer.out_features, layer._live_count, layer.capacity))
+                 (layer.out_features, layer.live_count, layer.capacity))
                 for layer in self.layers
             ]
 
@@ -267,7 +267,7 @@ class GrowLinearMachine(RuleBasedStateMachine):
         used = len(self.shadow)
         for layer in self.layers:
             assert layer.out_features == used <= layer.capacity == self.layers[0].capacity
-            assert layer._live_count == int(layer.active.sum())
+            assert layer.live_count == int(layer.active.sum())
             assert layer.active[:used].tolist() == [row.live for row in self.shadow]
             assert not bool(layer.active[used:].any())
         if self.mode == "tied":

@@ -169,7 +169,7 @@ def test_checkpoint_with_layer_row_start_steps_still_loads_strictly():
     state["_extra_state"] = {"out_features": 3, "version": 1}
     fresh = growop.GrowLinear(IN, 1, capacity=8)
     fresh.load_state_dict(state, strict=True)
-    assert fresh.out_features == 3 and fresh._live_count == 4
+    assert fresh.out_features == 3 and fresh.live_count == 4
     assert not hasattr(fresh, "row_start_step")
 
 
