@@ -11,9 +11,10 @@ Time, several providers side by side::
     speed = ratio(timings["growop"], timings["linear"])   # per-round ratios: median, p20, p80
     format_ratio(speed)                                   # "1.07", "1.07?" or "noisy"
 
-Every provider runs once per round, in an order that rotates each round, so drift in the
-machine's speed (other jobs, clocks) falls on all of them alike; a ratio is the median of
-the rounds' own ratios. A ratio whose p20..p80 spread exceeds ``FLAG_SPREAD`` of it is
+Every provider takes one sample per round, in an order that rotates each round, so drift
+in the machine's speed (other jobs, clocks) falls on all of them alike; a sample can be
+the fastest of a few bursts (``best_of``), so short calls survive a busy machine; a ratio
+is the median of the rounds' own ratios. A ratio whose p20..p80 spread exceeds ``FLAG_SPREAD`` of it is
 printed with a ``?``; one whose spread exceeds the ratio itself is withheld (``noisy``).
 On CUDA each call is timed with CUDA events.
 
@@ -99,7 +100,8 @@ def describe_machine(device: torch.device | str | None = None) -> str:
     device = as_device(device)
     if device.type == "cuda":
         return f"{device_name(device)}, CUDA {torch.version.cuda}"
-    return f"{device_name(device)}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{device_name(device)}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 @dataclass(frozen=True)
@@ -161,47 +163,75 @@ def time_interleaved(
     *,
     warmup: int = 1,
     inner: int = 1,
+    best_of: int = 1,
     device: torch.device | str | None = None,
 ) -> dict[str, Timing]:
     """Times every function in ``fns`` ``repeats`` times, round by round, after ``warmup``
     untimed rounds.
 
-    A round calls each function ``inner`` times in a row (a sample is one call's mean), the
-    functions in an order rotated by one each round, so no function always follows the
-    same one. On the CPU each sample is the host clock, after a garbage collection that is
-    not timed; on CUDA, events recorded around each sample on the current stream, read
-    after the last round.
+    In each round every function takes one sample, the functions in an order rotated by
+    one each round, so no function always follows the same one. A sample is the fastest
+    of ``best_of`` bursts of ``inner`` calls in a row, as the time of one call: a burst
+    that another process interrupted is not the one kept, which is what makes short calls
+    measurable on a busy machine (take ``best_of`` > 1 for calls of a few milliseconds or
+    less; a long call is interrupted in every burst alike). On the CPU each burst is timed
+    with the host clock; on CUDA with events recorded on the current stream, read after
+    the last round. Python's garbage collector runs before and after, not in between.
     """
-    if repeats < 1 or inner < 1 or warmup < 0:
-        raise ValueError(f"repeats and inner must be >= 1 and warmup >= 0, got {repeats}, {inner}, {warmup}")
+    if min(repeats, inner, best_of) < 1 or warmup < 0:
+        raise ValueError(
+            f"repeats, inner and best_of must be >= 1 and warmup >= 0, got {repeats}, {inner}, {best_of}, {warmup}"
+        )
     device = as_device(device)
     names = list(fns)
     on_gpu = device.type == "cuda"
     samples: dict[str, list] = {name: [] for name in names}
-    for round_ in range(warmup + repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn = fns[name]
+    with _garbage_collector_paused():
+        for round_ in range(warmup + repeats):
+            _take_round(fns, names[round_ % len(names):] + names[: round_ % len(names)],
+                        samples if round_ >= warmup else None, inner, best_of, on_gpu)
+    if on_gpu:
+        torch.cuda.synchronize(device)
+        samples = {n: [[s.elapsed_time(e) / 1e3 for s, e in b] for b in bs] for n, bs in samples.items()}
+    return {name: Timing(tuple(min(b) / inner for b in bs)) for name, bs in samples.items()}
+
+
+@contextlib.contextmanager
+def _garbage_collector_paused() -> Iterator[None]:
+    """No automatic garbage collection inside the block (a full one takes a tenth of a
+    second with torch loaded, and would land inside some sample), one collection before
+    and after it, as ``timeit`` does."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.collect()
+
+
+def _take_round(fns, order, samples, inner: int, best_of: int, on_gpu: bool) -> None:
+    """One sample of each function in ``order``, appended to ``samples`` (None: warm-up)."""
+    for name in order:
+        fn = fns[name]
+        bursts = []
+        for _ in range(best_of):
             if on_gpu:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 for _ in range(inner):
                     fn()
                 end.record()
-                if round_ >= warmup:
-                    samples[name].append((start, end))
-                continue
-            gc.collect()
-            start_s = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            elapsed = (time.perf_counter() - start_s) / inner
-            if round_ >= warmup:
-                samples[name].append(elapsed)
-    if on_gpu:
-        torch.cuda.synchronize(device)
-        samples = {n: [s.elapsed_time(e) / 1e3 / inner for s, e in pairs] for n, pairs in samples.items()}
-    return {name: Timing(tuple(s)) for name, s in samples.items()}
+                bursts.append((start, end))
+            else:
+                start_s = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                bursts.append(time.perf_counter() - start_s)
+        if samples is not None:
+            samples[name].append(bursts)
 
 
 # ----------------------------------------------------------------------------- ratios

@@ -67,6 +67,14 @@ def test_time_interleaved_rotates_the_order_and_counts_rounds():
         measure.time_interleaved(fns, repeats=0)
 
 
+def test_a_sample_is_the_fastest_burst_as_one_calls_time(monkeypatch):
+    # Bursts of two calls take 10 s, 4 s and 6 s on a fake clock: the sample is 2 s a call.
+    ticks = iter([0.0, 10.0, 10.0, 14.0, 14.0, 20.0])
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(ticks))
+    timings = measure.time_interleaved({"a": lambda: None}, repeats=1, warmup=0, inner=2, best_of=3)
+    assert timings["a"].samples == (2.0,)
+
+
 def test_timing_summaries_and_quantiles():
     timing = Timing(tuple(i / 1000 for i in (5, 1, 4, 2, 3, 9, 8, 7, 6, 10, 11)))
     assert timing.median_ms == pytest.approx(6.0)
@@ -118,5 +126,6 @@ def test_csv_rows_append_under_one_header_and_another_format_is_refused(tmp_path
 
 def test_machine_description_names_the_cpu_and_threads():
     text = measure.describe_machine("cpu")
-    assert text.endswith(f", {torch.get_num_threads()} threads") and len(text) > len(" threads") + 3
+    threads = torch.get_num_threads()
+    assert text.endswith(f", {threads} thread" + ("s" if threads != 1 else "")) and len(text) > 12
     assert str(measure.stamp()).count(";") == 2
