@@ -1,14 +1,14 @@
 """GrowLinear against nn.Linear on the live rows, on the CPU, side by side in one run.
 
     python benchmarks/bench_linear_cpu.py                 # heads, fragmented masks, grow: ~2 min
-    python benchmarks/bench_linear_cpu.py --quick         # the small heads only: ~20 s
-    python benchmarks/bench_linear_cpu.py --sets vocab    # the vocabulary-sized rows: ~5 min
-    python benchmarks/bench_linear_cpu.py --sets grid     # capacities 1.25x to 16x: ~1 h, 9 GB
+    python benchmarks/bench_linear_cpu.py --quick         # the small heads only: ~15 s
+    python benchmarks/bench_linear_cpu.py --sets vocab    # the vocabulary-sized rows: minutes each
+    python benchmarks/bench_linear_cpu.py --sets grid     # capacities 1.25x to 16x: an hour or more
     python benchmarks/bench_linear_cpu.py --sets fragmented --crossover   # and how R* was chosen
 
-A default run takes about 2 minutes on 2 cores of an AMD EPYC VM (one thread, the times
-above likewise; more on a loaded machine). Each set is a list of (case, capacity factor,
-mask) runs; a case is (batch, in_features, live rows):
+A default run takes about 2 minutes on 2 cores of an AMD EPYC VM (one thread; more on a
+loaded machine; the larger sets' times are estimates). Each set is a list of (case,
+capacity factor, mask) runs; a case is (batch, in_features, live rows):
 
 - ``heads`` (the default with ``fragmented``): the small heads (128, 64 -> 10) and
   (128, 512 -> 100) at the default 25% headroom with a prefix mask; their ``static``
@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-from pathlib import Path
 
 import torch
 
 from growop.measure import (
     RATIO_LEGEND,
-    add_harness_options,
+    benchmark_parser,
     apply_harness_options,
     csv_row,
     stamp,
@@ -141,12 +140,8 @@ def crossover(repeats: int, gen: torch.Generator) -> list[dict]:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/bench_linear_cpu.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help=f"the heads set only, {QUICK_REPEATS} rounds, no grow table (~20 s)")
+    parser = benchmark_parser(__file__, __doc__, repeats=REPEATS,
+                              quick=f"the heads set only, {QUICK_REPEATS} rounds, no grow table (~15 s)")
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=None,
                         help=f"which runs (default: {' '.join(DEFAULT_SETS)})")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None, help="only these cases of the sets")
@@ -154,8 +149,6 @@ def parse_args(argv) -> argparse.Namespace:
                         help="also time dense against gather across width / live (how R* was chosen)")
     parser.add_argument("--grow", action=argparse.BooleanOptionalAction, default=None,
                         help="the grow-latency table (default: on, off with --quick)")
-    add_harness_options(parser, csv=Path(__file__).with_name("out") / f"{BENCH}.csv",
-                        repeats=REPEATS)
     args = parser.parse_args(argv)
     if args.sets is None:
         args.sets = ["heads"] if args.quick else list(DEFAULT_SETS)

@@ -1,7 +1,7 @@
 """GrowLinear's CUDA path against nn.Linear on the live rows, side by side in one run.
 
     python benchmarks/bench_linear_cuda.py             # every mask, bf16 and TF32: under 100 s on an H200
-    python benchmarks/bench_linear_cuda.py --quick     # prefix and small50 in bf16: ~15 s
+    python benchmarks/bench_linear_cuda.py --quick     # prefix and small50 in bf16 only
     python benchmarks/bench_linear_cuda.py --profile --dtypes bf16 --masks fragmented50 prefix small50
 
 A default run takes under 100 s on an H200 (``benchmarks/device_check.sh`` runs it with
@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import gc
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import growop
-from growop.measure import RATIO_LEGEND, add_harness_options, apply_harness_options, csv_row, stamp, write_csv
+from growop.measure import RATIO_LEGEND, benchmark_parser, apply_harness_options, csv_row, stamp, write_csv
 from linear_cases import (
     GROW_HEADER,
     STRATEGIES,
@@ -220,12 +219,8 @@ def crossover_estimates(rows: list[CudaRow]) -> dict[str, float]:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/bench_linear_cuda.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{' and '.join(QUICK['masks'])} in bf16 only, {QUICK_REPEATS} rounds (~15 s)")
+    parser = benchmark_parser(__file__, __doc__, repeats=REPEATS, threads=False,
+                              quick=f"{' and '.join(QUICK['masks'])} in bf16 only, {QUICK_REPEATS} rounds")
     parser.add_argument("--dtypes", nargs="+", choices=list(CUDA_DTYPES), default=None,
                         help="default: bf16 tf32")
     parser.add_argument("--masks", nargs="+", choices=list(CUDA_MASKS), default=None,
@@ -233,8 +228,6 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="instead of the table, where each forward+backward's GPU time goes, kernel by "
                              "kernel (torch.profiler), for --dtypes x --masks")
-    add_harness_options(parser, csv=Path(__file__).with_name("out") / f"{BENCH}.csv", repeats=REPEATS,
-                        threads=False)
     args = parser.parse_args(argv)
     args.dtypes = args.dtypes or (QUICK["dtypes"] if args.quick else ["bf16", "tf32"])
     args.masks = args.masks or (QUICK["masks"] if args.quick else list(CUDA_MASKS))

@@ -20,14 +20,13 @@ benchmarks/out/bench_optim.csv (ignored by git) unless ``--csv`` names another f
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 import growop
 from growop.measure import (
     RATIO_LEGEND,
-    add_harness_options,
+    benchmark_parser,
     apply_harness_options,
     csv_row,
     format_ratio,
@@ -71,13 +70,8 @@ def step_cases(optimizer_cls, in_features: int, capacity: int, start: int) -> di
 
 
 def parse_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/bench_optim.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help=f"(in, capacity) = {SIZES['quick'][:2]}, {QUICK_REPEATS} rounds: ~0.5 GB, ~20 s")
-    add_harness_options(parser, csv=Path(__file__).with_name("out") / f"{BENCH}.csv", repeats=REPEATS)
+    parser = benchmark_parser(__file__, __doc__, repeats=REPEATS,
+                              quick=f"(in, capacity) = {SIZES['quick'][:2]}, {QUICK_REPEATS} rounds: ~0.5 GB, ~20 s")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (QUICK_REPEATS if args.quick else REPEATS)
     return args

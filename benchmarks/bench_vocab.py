@@ -38,13 +38,12 @@ from __future__ import annotations
 import argparse
 import gc
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from growop.measure import (
     Timing,
-    add_harness_options,
+    benchmark_parser,
     apply_harness_options,
     csv_row,
     format_ratio,
@@ -143,16 +142,11 @@ def mib(n: int) -> str:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/bench_vocab.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help=f"V = {QUICK['vocab'][0]}, d = {QUICK['dim']}, {QUICK['repeats']} repeats (~15 s)")
+    parser = benchmark_parser(__file__, __doc__, repeats=REPEATS,
+                              quick=f"V = {QUICK['vocab'][0]}, d = {QUICK['dim']}, {QUICK['repeats']} repeats (~15 s)")
     parser.add_argument("--vocab", type=int, nargs="+", default=None, help="V (default: 32000 128000)")
     parser.add_argument("--dim", type=int, default=None, help="d (default 4096)")
     parser.add_argument("--add", type=int, default=8, help="tokens added per call (default 8)")
-    add_harness_options(parser, csv=Path(__file__).with_name("out") / f"{BENCH}.csv", repeats=REPEATS)
     args = parser.parse_args(argv)
     args.vocab = args.vocab or (QUICK["vocab"] if args.quick else [32000, 128000])
     args.dim = args.dim or (QUICK["dim"] if args.quick else 4096)

@@ -30,9 +30,10 @@ allocator's statistics.
 
 Rows: ``csv_row(...)`` makes one row of the fixed long format every benchmark appends
 (``CSV_FIELDS``: what was measured, its median, p20 and p80, the machine, torch and the
-date); ``write_csv(path, rows)`` appends them. ``add_harness_options`` gives a benchmark's
-parser ``--repeats``, ``--threads`` and ``--csv`` (default: ``benchmarks/out/``, which git
-ignores); ``apply_harness_options`` sets the threads and checks the CSV before the run.
+date); ``write_csv(path, rows)`` appends them. ``benchmark_parser`` makes a benchmark's
+parser with ``--quick``, ``--repeats``, ``--threads`` and ``--csv`` (default:
+``benchmarks/out/``, which git ignores); ``apply_harness_options`` sets the threads and
+checks the CSV before the run.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def time_interleaved(
     measurable on a busy machine (take ``best_of`` > 1 for calls of a few milliseconds or
     less; a long call is interrupted in every burst alike). On the CPU each burst is timed
     with the host clock; on CUDA with events recorded on the current stream, read after
-    the last round. Python's garbage collector runs before and after, not in between.
+    the last round. Python's garbage collector is paused meanwhile.
     """
     if min(repeats, inner, best_of) < 1 or warmup < 0:
         raise ValueError(
@@ -198,18 +199,15 @@ def time_interleaved(
 
 @contextlib.contextmanager
 def _garbage_collector_paused() -> Iterator[None]:
-    """No automatic garbage collection inside the block (a full one takes a tenth of a
-    second with torch loaded, and would land inside some sample), one collection before
-    and after it, as ``timeit`` does."""
+    """No automatic garbage collection inside the block, as ``timeit`` does: a full one
+    takes a tenth of a second with torch loaded and would land inside some sample."""
     enabled = gc.isenabled()
-    gc.collect()
     gc.disable()
     try:
         yield
     finally:
         if enabled:
             gc.enable()
-        gc.collect()
 
 
 def _take_round(fns, order, samples, inner: int, best_of: int, on_gpu: bool) -> None:
@@ -447,18 +445,28 @@ def write_csv(path: Path | str, rows: Sequence[Mapping[str, Any]], run: Stamp) -
     return path
 
 
-def add_harness_options(parser: argparse.ArgumentParser, *, csv: Path, repeats: int, threads: bool = True) -> None:
-    """``--repeats`` (default ``repeats``), ``--threads`` (default 1) and ``--csv`` (default
-    ``csv``: a benchmark passes ``Path(__file__).with_name("out") / "<name>.csv"``, a folder
-    git ignores) on a benchmark's parser."""
+def benchmark_parser(script: str, doc: str | None, *, repeats: int, quick: str, threads: bool = True) -> argparse.ArgumentParser:
+    """The parser every benchmark starts from: ``python benchmarks/<script>`` as its name,
+    the script's docstring ``doc`` as ``--help``'s text, and ``--quick`` (its help says what
+    it runs and how long), ``--repeats`` (default ``repeats``), ``--threads`` (default 1;
+    not for a GPU benchmark) and ``--csv`` (default ``out/<script's name>.csv`` beside the
+    script, a folder git ignores)."""
+    path = Path(script)
+    parser = argparse.ArgumentParser(
+        prog=f"python {path.parent.name}/{path.name}", description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--repeats", type=int, default=None, help=f"timed rounds per measurement (default {repeats})")
     if threads:
         parser.add_argument("--threads", type=int, default=1,
                             help="torch.set_num_threads (default 1: on a shared or small machine more "
                                  "threads make small GEMMs spin and ratios jump between runs)")
-    parser.add_argument("--csv", type=Path, default=csv,
-                        help=f"CSV to append rows to (default {csv.parent.name}/{csv.name} beside the script, "
+    csv_default = path.resolve().with_name("out") / f"{path.stem}.csv"
+    parser.add_argument("--csv", type=Path, default=csv_default,
+                        help=f"CSV to append rows to (default out/{csv_default.name} beside the script, "
                              "which git ignores)")
+    return parser
 
 
 def apply_harness_options(args: argparse.Namespace) -> Path:

@@ -134,7 +134,7 @@ def test_cpu_crossover_times_dense_and_gather(monkeypatch, capsys):
 
 def test_cpu_benchmark_quick_mode_prints_a_table_with_the_static_shape_column(tmp_path):
     out = tmp_path / "rows.csv"
-    completed = run_script("bench_linear_cpu", "--quick", "--cases", "tiny", "--csv", str(out))
+    completed = run_script("bench_linear_cpu", "--quick", "--cases", "tiny", "--repeats", "2", "--csv", str(out))
     lines = completed.stdout.splitlines()
     header = next(line for line in lines if line.startswith("case"))
     assert "fwd static" in header and "f+b static" in header
@@ -146,11 +146,13 @@ def test_cpu_benchmark_quick_mode_prints_a_table_with_the_static_shape_column(tm
     assert rows[0]["machine"].endswith("1 thread")  # the default
 
 
-def test_optimizer_benchmark_says_what_it_needs_and_has_a_quick_mode(tmp_path):
-    help_text = run_script("bench_optim", "--help").stdout
+def test_optimizer_benchmark_says_what_it_needs_and_has_a_quick_mode(monkeypatch, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        load(monkeypatch, "bench_optim").parse_args(["--help"])
+    help_text = capsys.readouterr().out
     assert "~11 GB of RAM, ~8 min" in help_text and "--quick" in help_text
     out = tmp_path / "optim.csv"
-    completed = run_script("bench_optim", "--quick", "--csv", str(out))
+    completed = run_script("bench_optim", "--quick", "--repeats", "2", "--csv", str(out))
     table = [line.split() for line in completed.stdout.splitlines() if line.startswith(("Adam ", "AdamW "))]
     assert [(line[0], line[1]) for line in table] == [(o, y) for o in ("Adam", "AdamW") for y in ("0", "10", "100", "1000")]
     rows = read_rows(out)
@@ -161,7 +163,7 @@ def test_optimizer_benchmark_says_what_it_needs_and_has_a_quick_mode(tmp_path):
 def test_vocab_benchmark_quick_mode_measures_without_profiler_noise(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "vocab.csv"
-    completed = run_script("bench_vocab", "--quick", "--csv", str(out))
+    completed = run_script("bench_vocab", "--quick", "--repeats", "1", "--csv", str(out))
     noise = [line for line in (completed.stdout + completed.stderr).splitlines()
              if PROFILER_NOISE.search(line) or "USDT" in line]
     assert not noise, noise
