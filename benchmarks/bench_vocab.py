@@ -1,7 +1,7 @@
 """Adding tokens: growop's in-place resize against transformers' resize_token_embeddings.
 
     python benchmarks/bench_vocab.py                            # V = 32000 and 128000, d = 4096
-    python benchmarks/bench_vocab.py --quick                    # V = 8000, d = 512: ~15 s
+    python benchmarks/bench_vocab.py --quick                    # V = 8000, d = 512: ~20 s
     python benchmarks/bench_vocab.py --vocab 32000 --dim 1024   # another case
 
 A default run takes about 10 minutes on 2 cores of an AMD EPYC VM and holds about 6 GB at
@@ -150,7 +150,7 @@ def mib(n: int) -> str:
 
 def parse_args(argv) -> argparse.Namespace:
     parser = benchmark_parser(__file__, __doc__, repeats=REPEATS,
-                              quick=f"V = {QUICK['vocab'][0]}, d = {QUICK['dim']}, {QUICK['repeats']} repeats (~15 s)")
+                              quick=f"V = {QUICK['vocab'][0]}, d = {QUICK['dim']}, {QUICK['repeats']} repeats (~20 s)")
     parser.add_argument("--vocab", type=int, nargs="+", default=None, help="V (default: 32000 128000)")
     parser.add_argument("--dim", type=int, default=None, help="d (default 4096)")
     parser.add_argument("--add", type=int, default=8, help="tokens added per call (default 8)")

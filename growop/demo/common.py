@@ -36,7 +36,7 @@ def require(module: str, package: str, extras: str) -> ModuleType:
 
 def add_common_options(parser: argparse.ArgumentParser, *, default_out: str, quick: str) -> None:
     """``--seed``, ``--out`` and ``--quick`` (whose help says what it shortens)."""
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw: split, weights, batches (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw in the run (default 0)")
     parser.add_argument("--out", type=Path, default=Path(default_out), help=f"output folder (default ./{default_out})")
     parser.add_argument("--quick", action="store_true", help=f"smoke mode: {quick}")
 
