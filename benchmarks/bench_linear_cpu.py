@@ -42,8 +42,8 @@ import torch
 
 from growop.measure import (
     RATIO_LEGEND,
-    benchmark_parser,
     apply_harness_options,
+    benchmark_parser,
     csv_row,
     stamp,
     time_interleaved,

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import growop
-from growop.measure import RATIO_LEGEND, benchmark_parser, apply_harness_options, csv_row, stamp, write_csv
+from growop.measure import RATIO_LEGEND, apply_harness_options, benchmark_parser, csv_row, stamp, write_csv
 from linear_cases import (
     GROW_HEADER,
     STRATEGIES,

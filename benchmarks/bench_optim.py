@@ -26,8 +26,8 @@ import torch
 import growop
 from growop.measure import (
     RATIO_LEGEND,
-    benchmark_parser,
     apply_harness_options,
+    benchmark_parser,
     csv_row,
     format_ratio,
     ratio,

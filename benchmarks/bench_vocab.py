@@ -43,8 +43,8 @@ import torch
 
 from growop.measure import (
     Timing,
-    benchmark_parser,
     apply_harness_options,
+    benchmark_parser,
     csv_row,
     format_ratio,
     measure_allocations,

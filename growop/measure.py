@@ -14,14 +14,18 @@ Time, several providers side by side::
 Every provider takes one sample per round, in an order that rotates each round, so drift
 in the machine's speed (other jobs, clocks) falls on all of them alike; a sample can be
 the fastest of a few bursts (``best_of``), so short calls survive a busy machine; a ratio
-is the median of the rounds' own ratios. A ratio whose p20..p80 spread exceeds ``FLAG_SPREAD`` of it is
-printed with a ``?``; one whose spread exceeds the ratio itself is withheld (``noisy``).
-On CUDA each call is timed with CUDA events.
+is the median of the rounds' own ratios. A ratio whose p20..p80 spread exceeds
+``FLAG_SPREAD`` of it is printed with a ``?``; one whose spread exceeds the ratio itself is
+withheld (``noisy``). On CUDA each call is timed with CUDA events.
+
+Interleaved timing of several implementations of one function (a fused loss against
+torch's, say) is the same call with those providers; :func:`time_call` times one call with
+the device synchronised around it.
 
 Memory, the bytes one call allocates and the most it holds at once above what was held
-before it (the extra peak of a forward+backward: ``lambda: loss_fn(x).backward()``)::
+before it (here the extra peak of a forward+backward)::
 
-    used = measure_allocations(fn, device="cpu")    # or "cuda"
+    used = measure_allocations(lambda: loss_fn(x).backward(), device="cpu")   # or "cuda"
     used.seconds, used.allocated, used.peak
 
 On the CPU it reads torch's memory profiler (quietly: the profiler's own status lines are
