@@ -26,7 +26,7 @@ from transformers import (  # noqa: E402
 )
 
 import growop  # noqa: E402
-from growop.demo_vocab import NEW_WORDS, read_corpus, train_tokenizer  # noqa: E402
+from growop.demo.vocab import NEW_WORDS, read_corpus, train_tokenizer  # noqa: E402
 from growop.transformers import CAPACITY_KEY, GrowVocabularyCallback, make_growable  # noqa: E402
 
 transformers.logging.set_verbosity_error()

@@ -21,7 +21,7 @@ from transformers import (  # noqa: E402
 )
 
 import growop  # noqa: E402
-from growop.demo_vocab import measure_allocations  # noqa: E402
+from growop.measure import measure_allocations  # noqa: E402
 from growop.transformers import make_growable, to_plain  # noqa: E402
 
 transformers.logging.set_verbosity_error()
