@@ -3,7 +3,8 @@
 ``setup.py`` builds ``growop._C``; importing it registers the ``torch.ops.growop`` operators.
 Without it (a source checkout on ``PYTHONPATH``, or an install that skipped the build), the
 same sources in ``csrc/`` are compiled once with :func:`torch.utils.cpp_extension.load`
-(ninja) into torch's extension cache and reused on later imports.
+(ninja) into torch's extension cache and reused on later imports. Both builds take their
+source lists and flags from here (:func:`sources`).
 
 The CUDA kernels (``csrc/cuda/``) are part of either build only when torch is a CUDA build and
 an ``nvcc`` of the same CUDA major version is found (:func:`builds_cuda`; ``GROWOP_BUILD_CUDA=0``
@@ -25,19 +26,39 @@ from pathlib import Path
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
+# The folders of csrc/ whose .cpp files make the extension, each taken whole, so a new file
+# there needs no edit here: op schemas and their typed calls, autograd, the CPU kernels, the
+# Python module. File names must differ across folders (hence masked_linear_cpu.cpp beside
+# ops/masked_linear.cpp): torch's JIT build names each object file after its source's name.
+CPU_SOURCE_DIRS = ("ops", "autograd", "cpu", "python")
+# The CUDA kernels (.cu) and their torch glue (.cpp), in CUDA builds only.
+CUDA_SOURCE_DIRS = ("cuda",)
+# The compile flags of both builds.
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3"]
+
 # sm_80 and sm_90 machine code, and PTX that newer GPUs compile at load.
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
-def cpu_sources() -> list[Path]:
-    """C++ sources of the extension, schema file first."""
-    return [_CSRC / "growop.cpp", *sorted((_CSRC / "cpu").glob("*.cpp"))]
+def cpu_sources(csrc: Path = _CSRC) -> list[Path]:
+    """C++ sources of the extension: every ``.cpp`` of :data:`CPU_SOURCE_DIRS`, in that order."""
+    return [path for folder in CPU_SOURCE_DIRS for path in sorted((csrc / folder).glob("*.cpp"))]
 
 
-def cuda_sources() -> list[Path]:
-    """CUDA sources: the torch glue (``.cpp``) and the kernels (``.cu``)."""
-    cuda = _CSRC / "cuda"
-    return [*sorted(cuda.glob("*.cpp")), *sorted(cuda.glob("*.cu"))]
+def cuda_sources(csrc: Path = _CSRC) -> list[Path]:
+    """CUDA sources: the torch glue (``.cpp``) and the kernels (``.cu``) of :data:`CUDA_SOURCE_DIRS`."""
+    return [
+        path
+        for folder in CUDA_SOURCE_DIRS
+        for pattern in ("*.cpp", "*.cu")
+        for path in sorted((csrc / folder).glob(pattern))
+    ]
+
+
+def sources(with_cuda: bool, csrc: Path = _CSRC) -> list[Path]:
+    """Every source a build compiles: setup.py's and the JIT build's one list."""
+    return cpu_sources(csrc) + (cuda_sources(csrc) if with_cuda else [])
 
 
 def builds_cuda() -> bool:
@@ -127,8 +148,7 @@ def _jit_build() -> types.ModuleType:
     from torch.utils import cpp_extension
 
     with_cuda = builds_cuda()
-    sources = cpu_sources() + (cuda_sources() if with_cuda else [])
-    if not all(path.is_file() for path in sources):
+    if not cpu_sources():
         raise ImportError(
             "growop: the compiled extension growop._C is missing and the C++ sources are not "
             f"at {_CSRC} to build it. Reinstall growop from a source checkout "
@@ -147,9 +167,9 @@ def _jit_build() -> types.ModuleType:
     with _jit_cuda_archs() if with_cuda else contextlib.nullcontext():
         return cpp_extension.load(
             name="growop_C",
-            sources=[str(path) for path in sources],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3"] if with_cuda else None,
+            sources=[str(path) for path in sources(with_cuda)],
+            extra_cflags=CXX_FLAGS,
+            extra_cuda_cflags=NVCC_FLAGS if with_cuda else None,
             with_cuda=with_cuda,
             is_python_module=True,
             verbose=os.environ.get("GROWOP_VERBOSE_BUILD") == "1",

@@ -6,7 +6,8 @@ not come back to Python between the op and its kernels, and it composes with ``t
 and with gradients of any order). This file gives each operator its Python face: a fake
 (meta) kernel, so it traces under ``torch.compile`` and runs on the meta device; a
 ``torch.func.vmap`` batching rule; and an autocast rule that makes ``masked_linear``
-behave as ``F.linear`` does under ``torch.autocast``.
+behave as ``F.linear`` does under ``torch.autocast``. Which dispatch key of each operator is
+registered where, in C++ or here: the table at the top of ``csrc/ops/masked_linear.cpp``.
 
 Strategy: each call is computed ``dense`` (one GEMM over the first ``width`` rows, dead
 columns masked after) or ``gather`` (kernels whose work follows the live rows); ``auto``

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,11 +33,46 @@ def test_operators_are_registered():
         assert hasattr(torch.ops.growop, name)
 
 
-def test_setup_py_builds_the_sources_the_jit_build_uses():
-    setup_py = (ROOT / "setup.py").read_text()
-    assert 'ROOT / "csrc" / "growop.cpp"' in setup_py and '"cpu").glob("*.cpp")' in setup_py
+def test_setup_py_takes_its_sources_and_flags_from_the_extension_module():
+    """One list of sources, in growop/_extension.py, for both builds: setup.py names no
+    source, folder or flag of its own (its extension's sources are checked against the list
+    in tests/test_cuda_compile.py)."""
+    code = (ROOT / "setup.py").read_text().split('"""', 2)[2]  # past the docstring
+    assert "_extension.sources(" in code and "_extension.CXX_FLAGS" in code
+    for repeated in ('"csrc"', "*.cpp", "*.cu", "glob(", '"-O3"'):
+        assert repeated not in code, repeated
     sources = _extension.cpu_sources()
-    assert sources[0].name == "growop.cpp" and all(path.is_file() for path in sources)
+    assert sources[0].parent.name == "ops" and all(path.is_file() for path in sources)
+
+
+def test_every_source_file_is_built_and_new_ones_need_no_edit(tmp_path):
+    """Each folder of csrc/ is compiled whole: a .cpp added to ops/, autograd/, cpu/ or
+    python/ (a .cpp or .cu to cuda/) joins the build unasked, and no .cpp under csrc/ is left
+    out of it."""
+    csrc = ROOT / "csrc"
+    built = set(_extension.sources(with_cuda=True))
+    assert {*csrc.rglob("*.cpp"), *csrc.rglob("*.cu")} == built
+    assert set(_extension.sources(with_cuda=False)) == built - set(_extension.cuda_sources())
+    tree = tmp_path / "csrc"
+    shutil.copytree(csrc, tree)
+    new_cpu = [tree / folder / "new_op.cpp" for folder in _extension.CPU_SOURCE_DIRS]
+    new_cuda = [tree / "cuda" / "new_op_cuda.cpp", tree / "cuda" / "new_op_kernel.cu"]
+    for path in new_cpu + new_cuda:
+        path.write_text("")
+    cpu_build, cuda_build = set(_extension.sources(False, tree)), set(_extension.sources(True, tree))
+    assert set(new_cpu) <= cpu_build and not set(new_cuda) & cpu_build
+    assert set(new_cpu + new_cuda) <= cuda_build
+
+
+def test_source_file_names_differ_across_folders():
+    """torch's JIT build names each object after its source file (x.cpp -> x.o, x.cu ->
+    x.cuda.o) in one folder: two sources of one name would collide ("multiple rules
+    generate x.o"). A per-key file is named <op>_<folder>.cpp."""
+    objects = {}
+    for path in _extension.sources(with_cuda=True):
+        name = path.stem + (".cuda.o" if path.suffix == ".cu" else ".o")
+        assert name not in objects, f"{path} and {objects[name]} both compile to {name}"
+        objects[name] = path
 
 
 def test_jit_build_works_without_the_prebuilt_module():

@@ -331,15 +331,19 @@ def test_large_weight_gradient(dtype, kind):
 # ------------------------------------- the paths only CUDA takes, run on the CPU
 
 
+# The extension's test-only bindings (csrc/python/testing.cpp), which run one path of the op
+# on any device.
+paths = ops._module._testing
+
+
 def path_forward_and_grads(path, x, weight, bias, active, width, grad_out, live_count, fill):
-    """One path of the op through the extension module's test bindings, which run it on
-    any device: "packed" (CUDA's gather with a live count, csrc/packed.h) or "dense_aligned"
-    (CUDA's dense, through a padded block where width's rows are not 16-byte aligned).
-    Returns its output and its (input, weight, bias) gradients."""
-    module = ops._module
-    out = module._path_linear(path, x, weight, bias, active, width, live_count, fill)
-    grads = module._path_linear_backward(path, grad_out, x, weight, active, live_count, True, True,
-                                         bias is not None)
+    """One path of the op through the test bindings: "packed" (CUDA's gather with a live
+    count, csrc/packed.h) or "dense_aligned" (CUDA's dense, through a padded block where
+    width's rows are not 16-byte aligned). Returns its output and its (input, weight, bias)
+    gradients."""
+    out = paths.path_linear(path, x, weight, bias, active, width, live_count, fill)
+    grads = paths.path_linear_backward(path, grad_out, x, weight, active, live_count, True, True,
+                                       bias is not None)
     return out, grads
 
 
@@ -406,20 +410,27 @@ def test_packed_rows_check_the_live_count():
     mask is an error (a device-side assert on CUDA), never a wrong result."""
     active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
     x, weight = torch.randn(2, 4), torch.randn(6, 4)
-    module = ops._module
     for wrong in (3, 5, 0, 6):
         with pytest.raises(RuntimeError, match="live_count is not the number of live rows below width"):
-            module._path_linear("packed", x, weight, None, active, 6, wrong, 0.0)
+            paths.path_linear("packed", x, weight, None, active, 6, wrong, 0.0)
         with pytest.raises(RuntimeError, match="live_count is not the number of live rows below width"):
-            module._path_linear_backward("packed", torch.randn(2, 6), x, weight, active, wrong, True, True, True)
+            paths.path_linear_backward("packed", torch.randn(2, 6), x, weight, active, wrong, True, True, True)
     # the count is of the rows below width only
-    module._path_linear("packed", x, weight, None, active, 4, 3, 0.0)
+    paths.path_linear("packed", x, weight, None, active, 4, 3, 0.0)
     with pytest.raises(ValueError, match="unknown path 'gather'"):
-        module._path_linear("gather", x, weight, None, active, 4, 3, 0.0)
+        paths.path_linear("gather", x, weight, None, active, 4, 3, 0.0)
     with pytest.raises(TypeError, match="expected a tensor, got list"):
-        module._path_linear("packed", [1.0], weight, None, active, 4, 3, 0.0)
+        paths.path_linear("packed", [1.0], weight, None, active, 4, 3, 0.0)
     with pytest.raises(TypeError, match="expected a tensor, got int"):
-        module._path_linear_backward("dense", torch.randn(2, 6), x, 7, active, 4, True, True, True)
+        paths.path_linear_backward("dense", torch.randn(2, 6), x, 7, active, 4, True, True, True)
+
+
+def test_test_bindings_are_apart_from_the_production_module():
+    """The path bindings live in the extension's `_testing` submodule, which says what it is;
+    the module growop calls holds only the op's eager binding."""
+    public = {name for name in dir(ops._module) if not name.startswith("__")}
+    assert public == {"masked_linear", "_testing"}, public
+    assert paths.__doc__.startswith("Test-only") and "not an API" in paths.__doc__
 
 
 def test_packed_rows_are_deterministic():
