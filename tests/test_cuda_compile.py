@@ -234,13 +234,14 @@ def test_nvcc_version_is_read():
     assert _extension._nvcc_major("/no/such/toolkit") is None
 
 
-def test_jit_build_takes_cuda_sources_only_with_a_cuda_torch(monkeypatch):
+def test_jit_build_takes_cuda_sources_only_with_a_cuda_torch(monkeypatch, tmp_path):
     calls = []
 
     def fake_load(**kwargs):
         calls.append({**kwargs, "arch": os.environ.get("TORCH_CUDA_ARCH_LIST")})
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no build of the real cache is found
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for cuda in (False, True):
