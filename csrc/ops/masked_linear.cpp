@@ -27,7 +27,8 @@
 
 TORCH_LIBRARY_FRAGMENT(growop, m) {
   // out[..., j] = input @ weight[j] + bias[j] where active[j], else mask_value,
-  // for j < width. mask_value None means the lowest finite value of the dtype.
+  // for j < width. mask_value None means the lowest finite value of the dtype;
+  // a value the dtype cannot hold (past its finite range, not inf) is an error.
   // strategy: "auto", "dense" or "gather" (csrc/strategy.h); live_count, the
   // live rows among the first width if the caller knows them, lets auto choose
   // without reading the mask on the host.
