@@ -118,15 +118,13 @@ def build_case(
     dtype: torch.dtype = torch.float32,
     input_grad: bool = False,
 ) -> LinearCase:
-    """The layer with ``active`` as its mask (its host-side live count set to match) and the
+    """The layer with ``active`` as its mask (its dead rows deactivated) and the
     rest of a :class:`LinearCase`. ``input_grad``: the input asks for its gradient, as a
     head's input does inside a network (forward+backward is then three GEMMs)."""
     capacity, live = active.numel(), int(active.sum())
     out_features = int(active.nonzero().max()) + 1
     layer = growop.GrowLinear(in_features, out_features, capacity=capacity, device=device, dtype=dtype)
-    with torch.no_grad():
-        layer.active.copy_(active)
-    layer._live_count = live  # the mask was set directly: the host-side count to match
+    layer.deactivate((~active[:out_features]).nonzero().squeeze(1))
     live_rows = layer.active.nonzero().squeeze(1)
     baseline = torch.nn.Linear(in_features, live, device=device, dtype=dtype)
     with torch.no_grad():
