@@ -6,7 +6,8 @@ not come back to Python between the op and its kernels, and it composes with ``t
 and with gradients of any order). This file gives each operator its Python face: a fake
 (meta) kernel, so it traces under ``torch.compile`` and runs on the meta device; a
 ``torch.func.vmap`` batching rule; and an autocast rule that makes ``masked_linear``
-behave as ``F.linear`` does under ``torch.autocast``.
+behave as ``F.linear`` does under ``torch.autocast``. Which dispatch key of each operator is
+registered where, in C++ or here: the table at the top of ``csrc/ops/masked_linear.cpp``.
 
 Strategy: each call is computed ``dense`` (one GEMM over the first ``width`` rows, dead
 columns masked after) or ``gather`` (kernels whose work follows the live rows); ``auto``
@@ -147,11 +148,31 @@ def _check_input(input: Tensor, weight: Tensor) -> None:
     torch._check(input.dtype == weight.dtype, lambda: "input and weight dtypes must match")
 
 
+# The names C++ prints for the dtypes (at::ScalarType), so that both checks read the same.
+_DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+                torch.float16: "Half"}
+
+
+def _check_mask_value(op: str, mask_value: float | None, dtype: torch.dtype) -> None:
+    """The kernels' rule (csrc/checks.h, check_mask_value) with their message: the value of
+    masked columns within the dtype's finite range, or inf, -inf or NaN."""
+    if mask_value is None or dtype not in _DTYPE_NAMES:
+        return
+    info, name = torch.finfo(dtype), _DTYPE_NAMES[dtype]
+    torch._check(
+        info.min <= mask_value <= info.max or abs(mask_value) == float("inf") or mask_value != mask_value,
+        lambda: f"{op}: mask_value {mask_value:g} cannot be converted to type {name} without overflow "
+        f"({name} holds [{info.min:g}, {info.max:g}], inf and -inf); pass one of those, or None for "
+        "the lowest finite value",
+    )
+
+
 @torch.library.register_fake("growop::masked_linear")
 def _masked_linear_fake(input, weight, bias, active, width, mask_value=None, strategy="auto", live_count=None):
     _check_devices("growop.masked_linear", weight, input=input, bias=bias, active=active)
     _check_mask(weight, active)
     _check_input(input, weight)
+    _check_mask_value("growop.masked_linear", mask_value, weight.dtype)
     torch._check(0 <= width, lambda: f"width {width} must be >= 0")
     torch._check(width <= weight.shape[0], lambda: f"width {width} exceeds the capacity")
     if bias is not None:

@@ -14,45 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import growop
+from conftest import DTYPES, SAME_DTYPE_TOLERANCES, assert_close, assert_equal
 from growop import GrowLinear
 from growop.reference import masked_linear as reference_masked_linear
 
-DTYPES = {
-    "f32": torch.float32,
-    "f64": torch.float64,
-    "bf16": torch.bfloat16,
-    "f16": torch.float16,
-}
-# (atol, rtol) of growop against the reference computed in the same dtype.
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float64: (1e-12, 1e-12),
-    torch.bfloat16: (3e-2, 3e-2),
-    torch.float16: (3e-3, 3e-3),
-}
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def assert_close(actual, expected, *, atol=0.0, rtol=0.0, what="tensor"):
-    """``torch.testing.assert_close`` that also lists the first mismatching positions."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    a, e = actual.detach().double(), expected.detach().double()
-    bad = ~((a - e).abs() <= atol + rtol * e.abs())
-    bad &= ~((a == e) | (a.isnan() & e.isnan()))
-    if bad.any():
-        positions = bad.nonzero()[:8].tolist()
-        detail = ", ".join(f"{tuple(p)}: {a[tuple(p)].item()!r} vs {e[tuple(p)].item()!r}" for p in positions)
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ "
-            f"(atol={atol}, rtol={rtol}); first at {detail}"
-        )
-
-
-def assert_equal(actual, expected, what="tensor"):
-    assert_close(actual, expected, atol=0.0, rtol=0.0, what=what)
 
 
 def reference(layer: GrowLinear, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +147,7 @@ def test_float_dtypes(dtype):
     x = torch.randn(4, 13, dtype=dtype)
     out = layer(x)
     assert out.dtype == dtype and out.shape == (4, 5)
-    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = SAME_DTYPE_TOLERANCES[dtype]
     assert_close(out, reference(layer, x), atol=atol, rtol=rtol, what=f"forward {dtype}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -276,6 +277,130 @@ def test_mask_value_and_cross_entropy_stays_finite(device, strategy, dtype):
     assert torch.softmax(default.float(), -1)[:, ~active].max() == 0
 
 
+def odd_byte_mask(active: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`active` as a bool view of bytes whose live entries are anything from 1 to 255, as a
+    view of uint8 data or ``torch.empty(dtype=torch.bool)`` may hold, at a storage offset."""
+    values = torch.randint(1, 256, (int(active.sum()),), generator=generator, dtype=torch.uint8)
+    values[:2] = torch.tensor([2, 255], dtype=torch.uint8)[: values.numel()]
+    raw = torch.zeros(active.numel() + 1, dtype=torch.uint8)
+    raw[1:][active] = values
+    return raw[1:].view(torch.bool)
+
+
+@pytest.mark.parametrize("kind", ["all", "prefix", "random", "dense", "mixed", "sparse"])
+def test_mask_bytes_other_than_0_and_1_are_live(device, strategy, kind):
+    """A bool tensor may hold any byte, and the kernels read a nonzero byte as live, as ATen
+    does: the same outputs and gradients as with the 0/1 mask, bit for bit. (Reading such a
+    byte as a C++ bool is undefined behaviour, which UBSan reports even where the compiler
+    happens to test it for nonzero.)"""
+    gen = torch.Generator().manual_seed(21)
+    capacity = CAPACITY[kind]
+    active = make_mask(kind, capacity, gen)
+    odd = odd_byte_mask(active, gen)
+    assert torch.equal(odd.view(torch.uint8) != 0, active) and odd.view(torch.uint8).max() == 255
+    x = torch.randn(3, 33, generator=gen)
+    weight, bias = torch.randn(capacity, 33, generator=gen), torch.randn(capacity, generator=gen)
+    width = capacity - 3
+    grad_out = to(device, torch.randn(3, width, generator=gen))[0]
+    for live_count in (None, int(active[:width].sum())):
+        results = []
+        for mask in (active, odd):
+            xd, wd, bd = to(device, x, weight, bias, requires_grad=True)
+            mask = mask.to(device)  # a copy keeps the bytes
+            results.append(forward_and_grads(xd, wd, bd, mask, width, grad_out, -3.0, live_count))
+        (out, grads), (odd_out, odd_grads) = results
+        assert torch.equal(odd_out, out), f"{kind} live_count={live_count}"
+        for got, want in zip(odd_grads, grads):
+            assert torch.equal(got, want), f"{kind} live_count={live_count}"
+    if device == "cpu":  # the paths only CUDA takes read the mask through ATen ops
+        live = int(active[:width].sum())
+        for path in ("packed", "dense", "dense_aligned"):
+            want = path_forward_and_grads(path, x, weight, bias, active, width, grad_out, live, -3.0)
+            got = path_forward_and_grads(path, x, weight, bias, odd, width, grad_out, live, -3.0)
+            assert torch.equal(got[0], want[0]), path
+            assert all(torch.equal(g, w) for g, w in zip(got[1], want[1])), path
+
+
+OVERFLOWING_MASK_VALUES = [
+    pytest.param(torch.float32, 1e300, id="f32"),
+    pytest.param(torch.bfloat16, -1e300, id="bf16"),
+    pytest.param(torch.float16, 1e300, id="f16"),
+    pytest.param(torch.float16, -70000.0, id="f16-past-65504"),
+]
+
+
+# The dtypes' names as C++ prints them (at::ScalarType).
+DTYPE_NAMES = {torch.float32: "Float", torch.bfloat16: "BFloat16", torch.float16: "Half"}
+
+
+def overflow_message(value: float, dtype_name: str) -> str:
+    return re.escape(
+        f"growop.masked_linear: mask_value {value:g} cannot be converted to type {dtype_name} without overflow"
+    )
+
+
+@pytest.mark.parametrize("dtype,value", OVERFLOWING_MASK_VALUES)
+def test_a_mask_value_the_dtype_cannot_hold_is_one_error_everywhere(device, strategy, dtype, value):
+    """The value of masked columns must fit the dtype (its finite range, or inf, -inf, NaN).
+    Every strategy, with the live count or without, any mask (all live too) and any sizes (an
+    empty batch too), through the eager binding or the op, raises the same error before any
+    work; none returns inf."""
+    message = overflow_message(value, DTYPE_NAMES[dtype])
+    weight = torch.randn(6, 4, dtype=dtype, device=device)
+    op = torch.ops.growop.masked_linear.default
+    for active in (torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool), torch.ones(6, dtype=torch.bool)):
+        active = active.to(device)
+        live = int(active.sum())
+        for x in (torch.randn(3, 4, dtype=dtype, device=device), torch.randn(0, 4, dtype=dtype, device=device)):
+            for call in (
+                lambda: ops.masked_linear(x, weight, None, active, 6, value),
+                lambda: ops.masked_linear(x, weight, None, active, 6, value, live),
+                lambda: op(x, weight, None, active, 6, value, strategy, None),
+                lambda: op(x, weight, None, active, 6, value, strategy, live),
+            ):
+                with pytest.raises(RuntimeError, match=message):
+                    call()
+
+
+@pytest.mark.parametrize("dtype,value", OVERFLOWING_MASK_VALUES)
+def test_the_fake_kernel_refuses_the_same_mask_values(dtype, value):
+    """The meta device and torch.compile (which traces with the fake kernel) raise the
+    kernels' error, word for word."""
+    message = overflow_message(value, DTYPE_NAMES[dtype])
+    x, weight = torch.randn(3, 4, dtype=dtype), torch.randn(6, 4, dtype=dtype)
+    active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=message):
+        ops.masked_linear(x.to("meta"), weight.to("meta"), None, active.to("meta"), 6, value)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: ops.masked_linear(x, weight, None, active, 6, value), fullgraph=True,
+                             backend="eager")
+    with pytest.raises(Exception, match=message):
+        compiled(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_mask_values_every_dtype_holds_are_allowed(device, strategy, dtype):
+    """inf, -inf and NaN are values of every floating dtype; so are the ends of its finite
+    range and, in float64, 1e300. Eager and compiled calls agree."""
+    active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=device)
+    x = torch.randn(3, 4, dtype=dtype, device=device)
+    weight = torch.randn(6, 4, dtype=dtype, device=device)
+    info = torch.finfo(dtype)
+    values = [float("-inf"), float("inf"), float("nan"), info.min, info.max]
+    values += [1e300] if dtype == torch.float64 else []
+
+    def calls(x):
+        return [ops.masked_linear(x, weight, None, active, 6, value) for value in values]
+
+    eager = calls(x)
+    for value, out in zip(values, eager):
+        dead = out[:, ~active]
+        assert torch.isnan(dead).all() if value != value else torch.all(dead == value), value
+    torch._dynamo.reset()
+    for got, want in zip(torch.compile(calls, fullgraph=True, backend="eager")(x), eager):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
 def test_results_are_not_views_so_in_place_ops_may_follow(device, strategy):
     weight = torch.randn(6, 4, device=device, requires_grad=True)
     active = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool, device=device)
@@ -331,15 +456,19 @@ def test_large_weight_gradient(dtype, kind):
 # ------------------------------------- the paths only CUDA takes, run on the CPU
 
 
+# The extension's test-only bindings (csrc/python/testing.cpp), which run one path of the op
+# on any device.
+paths = ops._module._testing
+
+
 def path_forward_and_grads(path, x, weight, bias, active, width, grad_out, live_count, fill):
-    """One path of the op through the extension module's test bindings, which run it on
-    any device: "packed" (CUDA's gather with a live count, csrc/packed.h) or "dense_aligned"
-    (CUDA's dense, through a padded block where width's rows are not 16-byte aligned).
-    Returns its output and its (input, weight, bias) gradients."""
-    module = ops._module
-    out = module._path_linear(path, x, weight, bias, active, width, live_count, fill)
-    grads = module._path_linear_backward(path, grad_out, x, weight, active, live_count, True, True,
-                                         bias is not None)
+    """One path of the op through the test bindings: "packed" (CUDA's gather with a live
+    count, csrc/packed.h) or "dense_aligned" (CUDA's dense, through a padded block where
+    width's rows are not 16-byte aligned). Returns its output and its (input, weight, bias)
+    gradients."""
+    out = paths.path_linear(path, x, weight, bias, active, width, live_count, fill)
+    grads = paths.path_linear_backward(path, grad_out, x, weight, active, live_count, True, True,
+                                       bias is not None)
     return out, grads
 
 
@@ -406,20 +535,27 @@ def test_packed_rows_check_the_live_count():
     mask is an error (a device-side assert on CUDA), never a wrong result."""
     active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
     x, weight = torch.randn(2, 4), torch.randn(6, 4)
-    module = ops._module
     for wrong in (3, 5, 0, 6):
         with pytest.raises(RuntimeError, match="live_count is not the number of live rows below width"):
-            module._path_linear("packed", x, weight, None, active, 6, wrong, 0.0)
+            paths.path_linear("packed", x, weight, None, active, 6, wrong, 0.0)
         with pytest.raises(RuntimeError, match="live_count is not the number of live rows below width"):
-            module._path_linear_backward("packed", torch.randn(2, 6), x, weight, active, wrong, True, True, True)
+            paths.path_linear_backward("packed", torch.randn(2, 6), x, weight, active, wrong, True, True, True)
     # the count is of the rows below width only
-    module._path_linear("packed", x, weight, None, active, 4, 3, 0.0)
+    paths.path_linear("packed", x, weight, None, active, 4, 3, 0.0)
     with pytest.raises(ValueError, match="unknown path 'gather'"):
-        module._path_linear("gather", x, weight, None, active, 4, 3, 0.0)
+        paths.path_linear("gather", x, weight, None, active, 4, 3, 0.0)
     with pytest.raises(TypeError, match="expected a tensor, got list"):
-        module._path_linear("packed", [1.0], weight, None, active, 4, 3, 0.0)
+        paths.path_linear("packed", [1.0], weight, None, active, 4, 3, 0.0)
     with pytest.raises(TypeError, match="expected a tensor, got int"):
-        module._path_linear_backward("dense", torch.randn(2, 6), x, 7, active, 4, True, True, True)
+        paths.path_linear_backward("dense", torch.randn(2, 6), x, 7, active, 4, True, True, True)
+
+
+def test_test_bindings_are_apart_from_the_production_module():
+    """The path bindings live in the extension's `_testing` submodule, which says what it is;
+    the module growop calls holds only the op's eager binding."""
+    public = {name for name in dir(ops._module) if not name.startswith("__")}
+    assert public == {"masked_linear", "_testing"}, public
+    assert paths.__doc__.startswith("Test-only") and "not an API" in paths.__doc__
 
 
 def test_packed_rows_are_deterministic():
@@ -855,6 +991,7 @@ def bad_calls(device: str):
         "grad_output shape": lambda: ops.masked_linear_backward(t(3, 6), t(2, 4), w, mask),
         "grad_output dtype": lambda: ops.masked_linear_backward(t(2, 6, dtype=torch.float64), t(2, 4), w, mask),
         "backward input": lambda: ops.masked_linear_backward(t(2, 6), t(2, 5), w, mask),
+        "mask_value": lambda: ops.masked_linear(t(2, 4), w, b, mask, 6, 1e300),
     }
 
 
@@ -872,6 +1009,8 @@ EXPECTED_ERRORS = {
     "grad_output shape": r"grad_output of shape \[3, 6\] does not match input of shape \[2, 4\]",
     "grad_output dtype": "grad_output has dtype Double but weight has dtype Float",
     "backward input": r"growop.masked_linear_backward: input of shape \[2, 5\] does not match weight",
+    "mask_value": r"growop.masked_linear: mask_value 1e\+300 cannot be converted to type Float without overflow "
+                  r"\(Float holds \[-3.40282e\+38, 3.40282e\+38\], inf and -inf\)",
 }
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import growop
-from growop.demo_vocab import measure_allocations
+from growop.measure import measure_allocations
 
 
 def heads(capacity=6, out=3, bias=True):

@@ -35,6 +35,7 @@
 
 #include "../checks.h"
 #include "../dense.h"
+#include "../mask.h"
 #include "../packed.h"
 #include "../strategy.h"
 #include "masked_linear_kernel.cuh"
@@ -161,10 +162,6 @@ bool all_live(
   return true;
 }
 
-const uint8_t* mask_bytes(const at::Tensor& active) {
-  return reinterpret_cast<const uint8_t*>(active.const_data_ptr<bool>());
-}
-
 // The preparation every kernel launch shares (as flash-attention's
 // set_params_fprop): the limits checked, the live rows among the first
 // `width` compacted on the device into `list` (element 0 their count,
@@ -213,7 +210,8 @@ at::Tensor masked_linear_cuda(
     std::optional<int64_t> live_count) {
   constexpr const char* op = "growop.masked_linear";
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
-  checks::check_forward(op, input, weight, has_bias ? &*bias_opt : nullptr, active, width);
+  checks::check_forward(
+      op, input, weight, has_bias ? &*bias_opt : nullptr, active, width, mask_value);
   const int64_t in_features = weight.size(1);
   const c10::cuda::CUDAGuard guard(weight.device());
 

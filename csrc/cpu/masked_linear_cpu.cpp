@@ -17,6 +17,7 @@
 
 #include "../checks.h"
 #include "../dense.h"
+#include "../mask.h"
 #include "../strategy.h"
 
 #include <algorithm>
@@ -84,17 +85,17 @@ LivePlan plan_live_rows(
     int64_t width,
     int64_t chunk,
     int64_t min_run = kMinDirectRun) {
-  const bool* live = active.data_ptr<bool>();
+  const uint8_t* live = mask_bytes(active);
   LivePlan plan;
   plan.chunk = chunk;
   int64_t j = 0;
   while (j < width) {
-    if (!live[j]) {
+    if (live[j] == 0) {
       ++j;
       continue;
     }
     int64_t end = j;
-    while (end < width && live[end]) {
+    while (end < width && live[end] != 0) {
       ++end;
     }
     if (end - j >= min_run) {
@@ -195,8 +196,8 @@ void gather_columns(
 
 // The number of live rows among the first `width`.
 int64_t count_live(const at::Tensor& live_mask, int64_t width) {
-  const bool* live = live_mask.const_data_ptr<bool>();
-  return std::count(live, live + width, true);
+  const uint8_t* live = mask_bytes(live_mask);
+  return std::count_if(live, live + width, [](uint8_t byte) { return byte != 0; });
 }
 
 // out (batch, width) from the runs and gathered chunks of `plan`.
@@ -220,11 +221,11 @@ void gather_forward(
         // Every row of out starts as: bias (or 0) on live columns, which the
         // GEMMs below accumulate onto, and the fill value on the rest.
         const auto fill = static_cast<scalar_t>(fill_value);
-        const bool* live = live_mask.const_data_ptr<bool>();
+        const uint8_t* live = mask_bytes(live_mask);
         const scalar_t* b = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
         scalar_t* o = out.data_ptr<scalar_t>();
         for (int64_t j = 0; j < width; ++j) {
-          o[j] = live[j] ? (b ? b[j] : scalar_t(0)) : fill;
+          o[j] = live[j] != 0 ? (b ? b[j] : scalar_t(0)) : fill;
         }
         at::parallel_for(1, batch, 64, [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
@@ -341,12 +342,12 @@ at::Tensor gather_backward_weight(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "masked_linear_backward_weight_cpu", [&] {
         scalar_t* gw = grad_weight.data_ptr<scalar_t>();
-        const bool* live = live_mask.const_data_ptr<bool>();
+        const uint8_t* live = mask_bytes(live_mask);
         // Rows that are not live get exact zeros.
         const auto zero_dead_rows = [&](int64_t begin, int64_t end) {
           at::parallel_for(begin, end, 64, [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r) {
-              if (r >= width || !live[r]) {
+              if (r >= width || live[r] == 0) {
                 std::memset(gw + r * in_features, 0, in_features * sizeof(scalar_t));
               }
             }
@@ -427,7 +428,7 @@ at::Tensor masked_linear_cpu(
   constexpr const char* op = "growop.masked_linear";
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   checks::check_forward(
-      op, input, weight, has_bias ? &*bias_opt : nullptr, active, width);
+      op, input, weight, has_bias ? &*bias_opt : nullptr, active, width, mask_value);
   const at::Tensor live_mask = active.contiguous();
   const int64_t num_live = count_live(live_mask, width);
   const at::Tensor x = as_matrix(input);
