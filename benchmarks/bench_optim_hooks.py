@@ -1,49 +1,59 @@
 """Per-step cost of growop's global optimizer step hooks (growop/optim.py).
 
-    PYTHONPATH=. python benchmarks/bench_optim_hooks.py
+    python benchmarks/bench_optim_hooks.py           # 10 and 300 Parameters, ~10 s
+    python benchmarks/bench_optim_hooks.py --quick   # 10 Parameters, ~5 s
+
+A default run takes about 10 seconds on 2 cores of an AMD EPYC VM (one thread) and holds
+a few MB.
 
 torch runs growop's pre- and post-step hooks around every ``optimizer.step()`` in the
 process, growop's or not. This times one call of both hooks, as a step makes it, for:
 
-- ``no growop``: an optimizer over plain Parameters only, already seen once (every other
+- ``no growop``: an AdamW over plain Parameters only, already seen once (every other
   optimizer of the process, at each of its steps);
-- ``growop``: an optimizer over a GrowLinear and the same plain Parameters, up to date
-  (no row event since its last step, no young rows);
-- ``first sight``: the scan an optimizer costs the first time it steps, and again at its
-  first step after a row event (a grow anywhere in the process);
+- ``growop``: an AdamW over a GrowLinear and plain Parameters, up to date (no row event
+  since its last step, no young rows);
+- ``first sight``: the scan an optimizer costs at its first step, and a holder of growop
+  Parameters at its first step after a row event (a grow anywhere in the process);
 
-each with 2 param groups (decay, no decay) of ``--params`` Parameters of 8 elements in all;
-beside them, a whole ``AdamW.step()`` of the first optimizer (hooks included). Medians of
-``torch.utils.benchmark.Timer.blocked_autorange``, in microseconds, one thread. The work
+each over 2 param groups (decay, no decay) of 10 or 300 Parameters of 8 elements in all,
+and beside them a whole ``AdamW.step()`` of the plain optimizer (hooks included). A hook
+sample is the fastest of a few bursts of calls (growop.measure), in microseconds. The work
 of the per-row correction itself (rows still young after a grow) is measured by
-``benchmarks/bench_optim.py``.
+``benchmarks/bench_optim.py``. Rows go to benchmarks/out/bench_optim_hooks.csv (ignored
+by git) unless ``--csv`` names another file.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 
 import torch
-from torch.utils import benchmark
 
 import growop
 from growop import optim
+from growop.measure import apply_harness_options, benchmark_parser, csv_row, stamp, time_interleaved, write_csv
+
+BENCH = "bench_optim_hooks"
+PARAMS = {"full": (10, 300), "quick": (10,)}
+REPEATS, QUICK_REPEATS = 15, 5
+INNER, BEST_OF = 200, 5  # a hook call takes microseconds: a sample is the best of 5 bursts of 200
+HOOK_CASES = ("no growop", "growop", "first sight")
 
 
-def make_optimizer(params: int, with_growop: bool) -> torch.optim.Optimizer:
-    plain = [torch.nn.Parameter(torch.zeros(8)) for _ in range(params - (2 if with_growop else 0))]
+def make_optimizer(params: int, with_growop: bool, keep: list) -> torch.optim.Optimizer:
+    """An AdamW over ``params`` Parameters in two groups, gradients set, stepped once."""
+    tensors = [torch.nn.Parameter(torch.zeros(8)) for _ in range(params - (2 if with_growop else 0))]
     if with_growop:
         head = growop.GrowLinear(8, 4, capacity=16)
-        plain += list(head.parameters())
-        make_optimizer.layers.append(head)  # alive as long as the optimizer is timed
-    half = len(plain) // 2
-    groups = [{"params": plain[:half]}, {"params": plain[half:], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=1e-3)
-
-
-make_optimizer.layers = []
+        tensors += list(head.parameters())
+        keep.append(head)  # its row set, which the hooks look Parameters up in, stays alive
+    for tensor in tensors:
+        tensor.grad = torch.ones_like(tensor)
+    half = len(tensors) // 2
+    optimizer = torch.optim.AdamW([{"params": tensors[:half]}, {"params": tensors[half:], "weight_decay": 0.0}])
+    optimizer.step()  # seen once
+    return optimizer
 
 
 def hooks(optimizer: torch.optim.Optimizer) -> None:
@@ -56,32 +66,36 @@ def first_sight(optimizer: torch.optim.Optimizer) -> None:
     optim._before_step(optimizer, (), {})
 
 
-def step(optimizer: torch.optim.Optimizer) -> None:
-    optimizer.step()
-
-
-def microseconds(stmt, optimizer) -> float:
-    timer = benchmark.Timer(stmt="f(o)", globals={"f": stmt, "o": optimizer}, num_threads=1)
-    return timer.blocked_autorange(min_run_time=0.5).median * 1e6
+def parse_args(argv) -> argparse.Namespace:
+    parser = benchmark_parser(__file__, __doc__, repeats=REPEATS,
+                              quick=f"10 Parameters, {QUICK_REPEATS} rounds: ~5 s")
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (QUICK_REPEATS if args.quick else REPEATS)
+    return args
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=int, nargs="+", default=[10, 300],
-                        help="Parameters per optimizer (300: a 7B-parameter transformer's count)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    print(f"# {platform.processor() or platform.machine()}, 1 thread; torch {torch.__version__}; "
-          f"growop {growop.__version__}; {datetime.date.today()}")
+    args = parse_args(argv)
+    csv_path = apply_harness_options(args)
+    run_stamp = stamp("cpu")
+    print(f"# {run_stamp}")
     print(f"{'params':>6} {'no growop us':>13} {'growop us':>10} {'first sight us':>15} {'AdamW.step us':>14}")
-    for params in args.params:
-        plain, grown = make_optimizer(params, False), make_optimizer(params, True)
-        hooks(plain), hooks(grown)  # seen once
-        for group in plain.param_groups:
-            for param in group["params"]:
-                param.grad = torch.ones_like(param)
-        print(f"{params:>6} {microseconds(hooks, plain):13.2f} {microseconds(hooks, grown):10.2f} "
-              f"{microseconds(first_sight, grown):15.1f} {microseconds(step, plain):14.1f}")
+    rows, keep = [], []
+    for params in PARAMS["quick" if args.quick else "full"]:
+        plain, grown = make_optimizer(params, False, keep), make_optimizer(params, True, keep)
+        timings = time_interleaved(
+            {"no growop": lambda: hooks(plain), "growop": lambda: hooks(grown), "first sight": lambda: first_sight(grown)},
+            args.repeats, inner=INNER, best_of=BEST_OF,
+        )
+        timings.update(time_interleaved({"AdamW.step": plain.step}, args.repeats, best_of=BEST_OF))
+        us = {name: timing.median_ms * 1e3 for name, timing in timings.items()}
+        print(f"{params:>6} {us['no growop']:13.2f} {us['growop']:10.2f} {us['first sight']:15.1f} "
+              f"{us['AdamW.step']:14.1f}")
+        case = f"AdamW over {params} Parameters"
+        rows += [csv_row(BENCH, case, name, "hook_time", "ms", timings[name]) for name in HOOK_CASES]
+        rows.append(csv_row(BENCH, case, "AdamW.step", "step_time", "ms", timings["AdamW.step"]))
+    write_csv(csv_path, rows, run_stamp)
+    print(f"\nrows appended to {csv_path}")
 
 
 if __name__ == "__main__":

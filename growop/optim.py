@@ -38,9 +38,9 @@ Why global hooks. Per-optimizer hooks would need growop to meet each optimizer f
 the optimizers that need growop most are those it never met (resumed from a state dict,
 or built in library code before a grow); no other torch mechanism reaches them. The cost
 of the global hooks for an optimizer already seen, holding growop Parameters or not, is
-one weak-dictionary lookup and a few comparisons per step: 1 to 3 microseconds, where an
+one weak-dictionary lookup and a few comparisons per step: 1 to 2 microseconds, where an
 ``AdamW.step()`` over 10 small Parameters takes hundreds. An optimizer costs one scan of
-its Parameters (13 to 80 microseconds for 10 to 300) at its first step, again only if its
+its Parameters (20 to 85 microseconds for 10 to 300) at its first step, again only if its
 param groups change and, for one holding growop Parameters, at its first step after a row
 event. (Measured with ``benchmarks/bench_optim_hooks.py``; machine, date and figures in the
 README's "Optimizers growop was not given".) An optimizer growop has met also gets one
