@@ -25,7 +25,7 @@ from growop.measure import CSV_FIELDS, PROFILER_NOISE
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-SCRIPTS = ("bench_linear_cpu", "bench_linear_cuda", "bench_optim", "bench_vocab")
+SCRIPTS = ("bench_linear_cpu", "bench_linear_cuda", "bench_optim", "bench_optim_hooks", "bench_vocab")
 
 
 def load(monkeypatch, name: str):
@@ -158,6 +158,17 @@ def test_optimizer_benchmark_says_what_it_needs_and_has_a_quick_mode(monkeypatch
     rows = read_rows(out)
     assert all("(512, 4000)" in r["case"] for r in rows)
     assert {r["metric"] for r in rows} == {"step_time", "ratio_vs_no_young_rows", "ratio_vs_linear"}
+
+
+def test_optimizer_hooks_benchmark_quick_mode_times_every_case(tmp_path):
+    out = tmp_path / "hooks.csv"
+    completed = run_script("bench_optim_hooks", "--quick", "--repeats", "2", "--csv", str(out))
+    table = [line.split() for line in completed.stdout.splitlines() if line.strip().startswith("10 ")]
+    assert len(table) == 1 and len(table[0]) == 5 and all(float(v) > 0 for v in table[0][1:])
+    rows = read_rows(out)
+    assert [(r["provider"], r["metric"]) for r in rows] == [
+        ("no growop", "hook_time"), ("growop", "hook_time"), ("first sight", "hook_time"), ("AdamW.step", "step_time")
+    ]
 
 
 def test_vocab_benchmark_quick_mode_measures_without_profiler_noise(tmp_path):

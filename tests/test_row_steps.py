@@ -217,7 +217,8 @@ def test_rows_old_enough_stop_costing_anything():
         state["step"] += 40000
     run.mirrors = {}
     run.steps(1)
-    assert "row_start" not in run.optimizer.state[layer.weight]
+    # the start steps are dropped; what remains records the last grow the state has seen
+    assert set(run.optimizer.state[layer.weight].get("row_start", {})) <= {"seen"}
     assert not growop.optim._young_params(run.optimizer)
     assert beta2**40000 < torch.finfo(torch.float64).eps
 

@@ -154,7 +154,6 @@ def test_resume_into_a_model_rebuilt_from_the_checkpoints_config(corpus, tmp_pat
     assert_same_state(model, final)
 
 
-@pytest.mark.xfail(strict=True, reason="optimizer state fitting")
 def test_resume_into_a_rebuilt_model_of_another_capacity(corpus, tmp_path):
     """A model rebuilt from a config that records no capacity gets the default capacity of
     the grown vocabulary, not the checkpoint's: the weights fit on load, the optimizer's

@@ -9,6 +9,8 @@ weight and bias, an embedding's weight) and keeps a bool mask ``active`` of the 
 - :mod:`growop.rows.layer`: :class:`GrowRows`, the layers' base class: the public
   ``grow`` / ``reserve`` / ``deactivate`` / ``reactivate`` API and the ``nn.Module`` hooks
   (device moves, ``reset_parameters``, checkpoints), each a call into the modules here.
+- :mod:`growop.rows.history`: :class:`RowHistory`, a row set's past as optimizers need
+  it (rows started at each event, row counts had).
 - :mod:`growop.rows.shared`: :func:`grow_together` and :func:`tie`, which join row sets.
 - :mod:`growop.rows.init`: the values of new rows (``init=``) and their seeds.
 - :mod:`growop.rows.checkpoint`: the extra state, and state dicts across capacities.

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from growop import optim
 from growop.rows.init import new_seed
 
 if TYPE_CHECKING:
@@ -102,8 +101,7 @@ def fit_state_dict(layer: GrowRows, state_dict: dict, prefix: str, error_msgs: l
         return False
     if any(rows != capacity for rows in saved_rows.values()):
         _fit_rows(layer, state_dict, prefix, saved_rows)
-        # an optimizer state dict saved beside it has the checkpoint's row count
-        optim.note_reallocated(layer.rows)
+        layer._rows.fitted_from(saved_rows[first])
     return True
 
 

@@ -105,9 +105,14 @@ class GrowRows(nn.Module):
         Within capacity nothing is allocated: the same Parameters, the same storage. Past
         capacity the storage grows to ``max(default_capacity(n), 1.5 x capacity)`` rows
         (:func:`growop.rows.grown_capacity`); the Parameter objects stay the same, old rows
-        bit-exact, and with ``optimizer=`` its per-row state grows with them. Without it,
-        an optimizer that already holds state for this layer raises a clear error at its
-        next ``step()`` (see :meth:`resize_optimizer_state`).
+        bit-exact, and the per-row state of every optimizer holding them grows with them.
+
+        ``optimizer=`` is optional: the new rows start fresh (zero state, and for Adam and
+        AdamW their own step count) in every optimizer that holds this layer's Parameters,
+        found by growop (see :mod:`growop.optim`): at once in those it has met (passed to a
+        growop call, or stepped since they were built or loaded), at their next step in any
+        other (one resumed from a state dict and not stepped yet). Old rows' state is
+        untouched.
 
         In data-parallel training every process calls ``grow`` with the same arguments at
         the same step. Within capacity this works under ``DistributedDataParallel`` (wrapped
@@ -139,9 +144,9 @@ class GrowRows(nn.Module):
                 every process (for example, draw them from a ``torch.Generator`` seeded
                 identically everywhere): growop cannot tell, and ranks that differ drift
                 apart silently under DDP.
-            optimizer: the optimizer that trains this layer. The new rows' state (momentum,
-                Adam moments, ...) starts at zero and Adam/AdamW give them their own step
-                count; old rows' state is untouched.
+            optimizer: an optimizer that trains this layer, acted on whatever growop knows
+                of it (its per-row state is fitted to the Parameters whatever its row
+                count). Optional: growop finds the optimizers holding the layer.
             allow_reallocation: permit growing past capacity while ``torch.distributed`` runs
                 more than one process. Only for a model that is not wrapped in
                 ``DistributedDataParallel``, or that you will wrap again after growing: DDP's
@@ -162,8 +167,9 @@ class GrowRows(nn.Module):
 
         At or below the current capacity it does nothing. Above it, the storage is
         reallocated once to exactly ``capacity`` rows, as a grow past capacity reallocates:
-        the Parameter objects stay the same, old rows bit-exact, no row becomes live, and with
-        ``optimizer=`` its per-row state grows with them. Layers joined by
+        the Parameter objects stay the same, old rows bit-exact, no row becomes live, and the
+        per-row state of the optimizers holding them grows with them (as for ``grow``,
+        ``optimizer=`` is optional). Layers joined by
         :func:`growop.grow_together` or :func:`growop.tie` are reallocated together. The
         checks are ``grow``'s: under ``torch.distributed`` with more than one process it
         raises unless ``allow_reallocation=True``. After an error nothing has changed.
@@ -173,26 +179,31 @@ class GrowRows(nn.Module):
     def deactivate(self, rows: RowIndices, *, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Masks existing rows (slots in use): their outputs become masked.
 
-        Weights are kept and positions never shift. With ``optimizer=`` the rows' optimizer
-        state is zeroed, so momentum stops moving the masked rows; decay that does not
-        depend on the gradient (AdamW's decoupled weight decay) still applies to them, as it
-        does to any parameter.
+        Weights are kept and positions never shift. With ``optimizer=`` the rows' state in
+        that optimizer is zeroed, so momentum stops moving the masked rows; decay that does
+        not depend on the gradient (AdamW's decoupled weight decay) still applies to them,
+        as it does to any parameter. Without it no optimizer state changes: the rows start
+        fresh when they are reactivated.
         """
         self._rows.set_live(rows, False, optimizer, "deactivate")
 
     def reactivate(self, rows: RowIndices, *, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Unmasks rows (slots in use) with the weights they kept.
 
-        With ``optimizer=`` their optimizer state starts fresh (zero), with a fresh step count.
+        Their state starts fresh (zero, with a fresh step count) in every optimizer holding
+        them, found as for :meth:`grow`; ``optimizer=`` is optional.
         """
         self._rows.set_live(rows, True, optimizer, "reactivate")
 
     def resize_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
-        """Brings ``optimizer``'s per-row state for this layer to the current capacity.
+        """Brings ``optimizer``'s state for this layer up to date now, whatever its row count.
 
-        Needed only after a grow past capacity made without ``optimizer=``: state tensors of
-        the old row count are padded with zeros (fresh state for the new rows); old rows'
-        state is unchanged.
+        Not needed in general: state of a row count this layer has had (an earlier capacity,
+        a checkpoint loaded into it) fits itself at the optimizer's next step. Needed for
+        state of a row count the layer never had, which the step refuses: state tensors are
+        padded with zeros (fresh state for rows past them) or cut to the capacity; the rows
+        both sizes have keep their state. Rows grown or reactivated since the state last
+        took them in start fresh, as at a grow.
         """
         self._rows.resize_optimizer_state(optimizer)
 

@@ -2,11 +2,14 @@
 
 A layer's row state is the slots in use (``used``: rows ``< used`` have been grown), the
 live count (``live == int(active.sum())``), its mask buffer ``active``, and the record of
-that mask as growop last left it. All of it belongs to the layer's :class:`RowSet`, which
-holds it for every layer joined with ``grow_together`` or ``tie`` and is the only code that
-changes it: growing, masking and unmasking rows, reserving and reallocating storage,
-resetting the mask, and following a mask that something other than growop wrote. Every
-optimizer interaction goes through :mod:`growop.optim`.
+that mask as growop last left it, and the rows' history (:class:`RowHistory`: which rows
+started fresh at which event, the row counts the Parameters have had), from which an
+optimizer that was not there catches up. All of it belongs to the layer's :class:`RowSet`,
+which holds it for every layer joined with ``grow_together`` or ``tie`` and is the only
+code that changes it: growing, masking and unmasking rows, reserving and reallocating
+storage, resetting the mask, and following a mask that something other than growop wrote.
+Every optimizer interaction goes through :mod:`growop.optim`, which each change of rows
+calls (:func:`growop.optim.rows_changed`).
 
 Code outside ``growop.rows`` reads row state through ``layer.rows`` (a
 :class:`RowSetView`), ``layer.live_count`` and ``out_features`` / ``num_embeddings``; the
@@ -25,6 +28,7 @@ from torch import Tensor
 
 from growop import distributed, optim
 from growop.rows.capacity import checked_int, grown_capacity
+from growop.rows.history import RowHistory
 from growop.rows.init import RowInit, new_rows
 
 if TYPE_CHECKING:
@@ -66,8 +70,9 @@ class RowSet:
     its ``active`` buffer (buffers do not stay shared across ``.to()``); this class keeps
     them equal, and records on each member, in ``_mask_record``, the mask tensor and its
     version as it left them, so that a forward can tell in two reads whether the counts
-    still describe the mask it is given (:meth:`live_count_for`). Nothing else writes
-    ``used``, ``live``, the masks or their records.
+    still describe the mask it is given (:meth:`live_count_for`). It also keeps the rows'
+    ``history`` (:class:`~growop.rows.history.RowHistory`), which :mod:`growop.optim`
+    reads. Nothing else writes ``used``, ``live``, the masks, their records or the history.
 
     What a member provides: its row Parameters (``_row_params()``), how a fresh row of them
     is drawn (``_draw_rows``, through :func:`growop.rows.init.new_rows`), its ``active``
@@ -82,12 +87,18 @@ class RowSet:
         self.used = used
         self.live = used
         self.view = RowSetView(self)
+        self.history = RowHistory(self.capacity)
         self._note_masks()
+        optim.track(self)
 
     def __setstate__(self, state: dict) -> None:
+        # Unpickled or deep-copied: the copy's rows have their own history from here on.
         self.__dict__.update(state)
         if "view" not in state:  # pickled by a version that kept no view
             self.view = RowSetView(self)
+        history = state.get("history")
+        self.history = history.renewed() if history is not None else RowHistory(self.capacity)
+        optim.track(self)
 
     # ------------------------------------------------------------------ reading
 
@@ -153,16 +164,15 @@ class RowSet:
                 if param is not None and rows is not None:
                     made.setdefault(id(param), (param, rows))
         if stop > self.capacity:
-            self.reallocate(grown_capacity(self.capacity, stop), optimizer)
+            self.reallocate(grown_capacity(self.capacity, stop))
         if not in_place:
             with torch.no_grad():
                 for param, rows in made.values():
                     distributed.write_rows_(param, start, rows)
         self._write_mask(slice(start, stop), True)
         self._set_counts(stop, self.live + k)
-        if optimizer is not None:
-            optim.reset_rows(optimizer, params, slice(start, stop))
-            optim.start_rows(optimizer, params, torch.arange(start, stop))
+        self.history.restarted(slice(start, stop))
+        optim.rows_changed(self, optimizer)
         return range(start, stop)
 
     @_outside_inference_mode
@@ -170,30 +180,32 @@ class RowSet:
         capacity = checked_int(capacity, "reserve: capacity", 1)
         self._checked_growth(capacity, optimizer, allow_reallocation)
         if capacity > self.capacity:
-            self.reallocate(capacity, optimizer)
+            self.reallocate(capacity)
+            optim.rows_changed(self, optimizer)
 
     @_outside_inference_mode
     def set_live(self, rows: RowIndices, live: bool, optimizer, method: str) -> None:
-        """Masks (``live=False``) or unmasks existing rows; with ``optimizer`` their state
-        is zeroed, and unmasked rows start a fresh step count."""
+        """Masks (``live=False``) or unmasks existing rows. Unmasked rows start fresh in
+        ``optimizer`` and in every optimizer holding them (zero state, their own step
+        count); masked rows' state is zeroed in ``optimizer`` only."""
         index = self._row_index(rows, method)
         params = self.params
         distributed.check_not_flattened(params)
         optim.check_holds(optimizer, params)
         self._write_mask(index, live)
         self._set_counts(self.used, self._count_live())
-        if optimizer is not None:
+        if live:
+            self.history.restarted(index)
+            optim.rows_changed(self, optimizer)
+        elif optimizer is not None:
             optim.reset_rows(optimizer, params, index)
-            if live:
-                optim.start_rows(optimizer, params, index)
 
     @_outside_inference_mode
     def resize_optimizer_state(self, optimizer) -> None:
-        params = self.params
-        optim.check_holds(optimizer, params)
-        optim.resize_state(optimizer, params)
+        optim.check_holds(optimizer, self.params)
+        optim.fit_given(self, optimizer)
 
-    def reallocate(self, capacity: int, optimizer) -> None:
+    def reallocate(self, capacity: int) -> None:
         """Grows every member's storage to ``capacity`` rows, keeping the Parameter objects
         and the old rows bit-exact.
 
@@ -229,9 +241,7 @@ class RowSet:
         for member, mask in zip(self.members, masks):
             member.active = mask
         self._note_masks()
-        if optimizer is not None:
-            optim.resize_state(optimizer, params)
-        optim.note_reallocated(self.view)
+        self.history.reallocated_to(capacity)
 
     def reset_mask(self) -> None:
         """Every slot in use live again, as a freshly built layer's."""
@@ -267,6 +277,12 @@ class RowSet:
                         member.active.copy_(layer.active)
         live = used if layer.active.is_meta else int(layer.active.sum())
         self._set_counts(used, live)
+        self.history.loaded()
+
+    def fitted_from(self, rows: int) -> None:
+        """A checkpoint of ``rows`` rows is being fitted to this set's capacity: optimizer
+        state saved beside it has that row count, and will be fitted too."""
+        self.history.fitted_from(rows)
 
     # ------------------------------------------------------------------ joining
 
@@ -278,6 +294,12 @@ class RowSet:
         self.ties.extend(other.ties)
         for member in other.members:
             member._rows = self
+        # One history for the joined rows: each set's events meant its own rows.
+        history = self.history.renewed()
+        history.row_counts |= other.history.row_counts
+        history.reallocated |= other.history.reallocated
+        self.history = history
+        optim.joined(self, other)
 
     def tie(self, source: GrowRows, target: GrowRows, name: str) -> None:
         """Makes ``target.<name>`` the very tensor ``source.<name>`` is, kept so across loads."""
