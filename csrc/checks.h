@@ -100,6 +100,30 @@ inline void check_mask_value(
       "], inf and -inf); pass one of those, or None for the lowest finite value");
 }
 
+// The caller's hints about the first `width` rows (csrc/strategy.h):
+// live_count, how many of them are live, and live_end, a row from which on
+// none of them is (every live row lies below it). Each is in [0, width], and
+// the live rows below live_end number at most live_end. Checked on the host,
+// before any work, by every backend; whether a hint matches the mask is
+// checked where the mask is read (csrc/dense.h, packed.h, the CPU kernels).
+inline void check_hints(
+    const char* op,
+    int64_t width,
+    std::optional<int64_t> live_count,
+    std::optional<int64_t> live_end) {
+  TORCH_CHECK(
+      !live_count.has_value() || (*live_count >= 0 && *live_count <= width),
+      op, ": live_count must be in [0, ", width, "], got ", *live_count);
+  TORCH_CHECK(
+      !live_end.has_value() || (*live_end >= 0 && *live_end <= width),
+      op, ": live_end must be in [0, ", width, "], got ", *live_end);
+  TORCH_CHECK(
+      !live_count.has_value() || !live_end.has_value() || *live_count <= *live_end,
+      op, ": live_count ", *live_count, " exceeds live_end ", *live_end,
+      ": every live row lies below live_end, so at most ", *live_end,
+      " are live; pass the exact count and a bound at or past the last live row, or None");
+}
+
 // masked_linear(input, weight, bias, active, width, mask_value, ...). `bias`
 // is the defined bias tensor, or nullptr when there is none.
 inline void check_forward(

@@ -121,16 +121,17 @@ class GrowLinear(GrowRows, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            # The host-side live count is left out under compile: an int that changes on
-            # every grow would be a guard, and a recompile.
+            # The host-side hints (live count, slots in use) are left out under compile: an
+            # int that changes on every grow would be a guard, and a recompile.
             if self.static_shape:
                 return self._masked_linear(input, self.capacity, None)
             return _forward_with_dynamic_width(self, input)
         # Eager: the row tensors straight from the module's own dicts, where
         # nn.Module.__getattr__ would find them; three lookups through it cost about what a
         # small head's GEMM does. A tensor that is not there (a parametrization, weight_norm)
-        # is read as an ordinary attribute. The live count lets auto choose a strategy
-        # without a device sync.
+        # is read as an ordinary attribute. The hints let auto choose a strategy without a
+        # device sync: the live count, and the slots in use, past which no row is live (with
+        # static_shape and nothing deactivated, CUDA's one GEMM on the first rows).
         weight = self._parameters.get("weight")
         if weight is None:
             weight = self.weight
@@ -149,8 +150,11 @@ class GrowLinear(GrowRows, nn.Linear):
             live_count = rows.live
         else:
             live_count = rows.live_count_for(self, active)
+        # Read after live_count_for, which follows a mask written elsewhere; both hints
+        # describe the mask or neither is given.
+        used = rows.used if live_count is not None else None
         width = weight.shape[0] if self.static_shape else rows.used
-        return ops.masked_linear(input, weight, bias, active, width, self.mask_value, live_count)
+        return ops.masked_linear(input, weight, bias, active, width, self.mask_value, live_count, used)
 
     def _masked_linear(self, input: Tensor, width: int, live_count: int | None) -> Tensor:
         return functional.masked_linear(

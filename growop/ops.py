@@ -78,23 +78,32 @@ def masked_linear(
     width: int,
     mask_value: float | None = None,
     live_count: int | None = None,
+    live_end: int | None = None,
 ) -> Tensor:
     """``out[..., j] = input @ weight[j] + bias[j]`` for live ``j < width``, else ``mask_value``.
 
-    ``mask_value=None`` means the lowest finite value of the input's dtype. ``live_count``,
-    the number of live rows among the first ``width`` where the caller knows it, lets the
-    ``auto`` strategy choose on CUDA without reading the mask; it never changes the result.
+    ``mask_value=None`` means the lowest finite value of the input's dtype. Two hints about
+    the first ``width`` rows, where the caller knows them without reading the mask, neither
+    ever changing the result: ``live_count``, how many are live, lets the ``auto`` strategy
+    choose on CUDA without reading the mask; ``live_end``, a row from which on none is live,
+    bounds the work (``live_count == live_end``: the live rows are exactly the first
+    ``live_end``, one GEMM on them).
     """
     # Eager calls with plain tensors take the direct binding; tracing, tensor subclasses and
     # torch-function modes (the binding answers NotImplemented) take the op's Python face.
     if not torch.compiler.is_compiling():
-        out = _masked_linear_binding(input, weight, bias, active, width, mask_value, _strategy, live_count)
+        out = _masked_linear_binding(
+            input, weight, bias, active, width, mask_value, _strategy, live_count, live_end
+        )
         if out is not NotImplemented:
             return out
         if is_fx_symbolic_tracing():
-            live_count = None  # a graph runs later, on the mask as it is then (the binding
-            # drops the count under torch.jit.trace likewise)
-    return _masked_linear_op(input, weight, bias, active, width, mask_value, _strategy, live_count)
+            live_count = live_end = None  # a graph runs later, on the mask as it is then (the
+            # binding drops the hints under torch.jit.trace likewise)
+    # live_end only where given: a call without it is the call callers made before it
+    # existed, and a graph traced from one reads the same.
+    hints = (live_count,) if live_end is None else (live_count, live_end)
+    return _masked_linear_op(input, weight, bias, active, width, mask_value, _strategy, *hints)
 
 
 def masked_linear_backward(
@@ -104,14 +113,16 @@ def masked_linear_backward(
     active: Tensor,
     output_mask: tuple[bool, bool, bool] = (True, True, True),
     live_count: int | None = None,
+    live_end: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``masked_linear`` for ``grad_output``: ``(grad_input, grad_weight, grad_bias)``.
 
     ``grad_weight`` is ``(capacity, in_features)`` and ``grad_bias`` ``(capacity,)``, both zero
     off the live rows. An output that ``output_mask`` does not ask for is an empty tensor.
+    The hints as for :func:`masked_linear`, of the first ``grad_output.shape[-1]`` rows.
     """
     return _ops.masked_linear_backward.default(
-        grad_output, input, weight, active, list(output_mask), _strategy, live_count
+        grad_output, input, weight, active, list(output_mask), _strategy, live_count, live_end
     )
 
 
@@ -167,14 +178,33 @@ def _check_mask_value(op: str, mask_value: float | None, dtype: torch.dtype) -> 
     )
 
 
+def _check_hints(op: str, width, live_count: int | None, live_end: int | None) -> None:
+    """The kernels' range checks of the hints (csrc/checks.h, check_hints), with their
+    messages; whether a hint matches the mask only a kernel can tell."""
+    if live_count is not None:
+        torch._check(0 <= live_count <= width,
+                     lambda: f"{op}: live_count must be in [0, {width}], got {live_count}")
+    if live_end is not None:
+        torch._check(0 <= live_end <= width, lambda: f"{op}: live_end must be in [0, {width}], got {live_end}")
+    if live_count is not None and live_end is not None:
+        torch._check(
+            live_count <= live_end,
+            lambda: f"{op}: live_count {live_count} exceeds live_end {live_end}: every live row lies below "
+            f"live_end, so at most {live_end} are live; pass the exact count and a bound at or past the last "
+            "live row, or None",
+        )
+
+
 @torch.library.register_fake("growop::masked_linear")
-def _masked_linear_fake(input, weight, bias, active, width, mask_value=None, strategy="auto", live_count=None):
+def _masked_linear_fake(input, weight, bias, active, width, mask_value=None, strategy="auto", live_count=None,
+                        live_end=None):
     _check_devices("growop.masked_linear", weight, input=input, bias=bias, active=active)
     _check_mask(weight, active)
     _check_input(input, weight)
     _check_mask_value("growop.masked_linear", mask_value, weight.dtype)
     torch._check(0 <= width, lambda: f"width {width} must be >= 0")
     torch._check(width <= weight.shape[0], lambda: f"width {width} exceeds the capacity")
+    _check_hints("growop.masked_linear", width, live_count, live_end)
     if bias is not None:
         torch._check(bias.shape == (weight.shape[0],), lambda: "bias must be (capacity,)")
     return input.new_empty((*input.shape[:-1], width))
@@ -182,13 +212,14 @@ def _masked_linear_fake(input, weight, bias, active, width, mask_value=None, str
 
 @torch.library.register_fake("growop::masked_linear_backward")
 def _masked_linear_backward_fake(
-    grad_output, input, weight, active, output_mask, strategy="auto", live_count=None
+    grad_output, input, weight, active, output_mask, strategy="auto", live_count=None, live_end=None
 ):
     _check_devices("growop.masked_linear_backward", weight, grad_output=grad_output, input=input,
                    active=active)
     _check_mask(weight, active)
     _check_input(input, weight)
     torch._check(grad_output.shape[:-1] == input.shape[:-1], lambda: "grad_output does not match input")
+    _check_hints("growop.masked_linear_backward", grad_output.shape[-1], live_count, live_end)
     capacity, in_features = weight.shape
     return (
         weight.new_empty(input.shape if output_mask[0] else (0,)),
@@ -229,8 +260,8 @@ def _per_slice(op, info, in_dims, args):
 
 @torch.library.register_vmap("growop::masked_linear")
 def _masked_linear_vmap(info, in_dims, input, weight, bias, active, width, mask_value=None,
-                        strategy="auto", live_count=None):
-    args = (input, weight, bias, active, width, mask_value, strategy, live_count)
+                        strategy="auto", live_count=None, live_end=None):
+    args = (input, weight, bias, active, width, mask_value, strategy, live_count, live_end)
     op = _ops.masked_linear.default
     if not any(_vmapped(in_dims)[1:]):
         return op(input.movedim(in_dims[0], 0), *args[1:]), 0
@@ -239,8 +270,8 @@ def _masked_linear_vmap(info, in_dims, input, weight, bias, active, width, mask_
 
 @torch.library.register_vmap("growop::masked_linear_backward")
 def _masked_linear_backward_vmap(info, in_dims, grad_output, input, weight, active, output_mask,
-                                 strategy="auto", live_count=None):
-    args = (grad_output, input, weight, active, output_mask, strategy, live_count)
+                                 strategy="auto", live_count=None, live_end=None):
+    args = (grad_output, input, weight, active, output_mask, strategy, live_count, live_end)
     op = _ops.masked_linear_backward.default
     input_only = output_mask[0] and not output_mask[1] and not output_mask[2]
     if input_only and not any(_vmapped(in_dims)[2:]):
@@ -274,7 +305,7 @@ def _autocast_cast(value, device_type: str, dtype: torch.dtype):
 
 def _autocast_kernel(device_type: str):
     def masked_linear_autocast(input, weight, bias, active, width, mask_value=None,
-                               strategy="auto", live_count=None):
+                               strategy="auto", live_count=None, live_end=None):
         # torch.library.register_autocast fixes one dtype per device at registration, but
         # the context chooses it at run time (bfloat16 or float16 on either device), so the
         # kernel reads it from the context, as autocast's own kernels do.
@@ -282,7 +313,7 @@ def _autocast_kernel(device_type: str):
         input, weight, bias = (_autocast_cast(t, device_type, dtype) for t in (input, weight, bias))
         with torch.autocast(device_type, enabled=False):
             return _ops.masked_linear.default(
-                input, weight, bias, active, width, mask_value, strategy, live_count
+                input, weight, bias, active, width, mask_value, strategy, live_count, live_end
             )
 
     return masked_linear_autocast

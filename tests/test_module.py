@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import growop
 from conftest import DTYPES, SAME_DTYPE_TOLERANCES, assert_close, assert_equal
@@ -224,6 +225,42 @@ def test_static_shape_output_has_capacity_columns():
     assert out.shape == (4, 9), "static_shape must keep the width across grows"
     assert (out[:, 5:7] > -1e3).all()
     assert (out[:, 7:] == torch.finfo(torch.float32).min).all()
+
+
+class OpCalls(TorchFunctionMode):
+    """Records the hints (live_count, live_end) of every growop.masked_linear call; under a
+    torch-function mode the eager binding leaves the call to the op, which the mode sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.hints = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.growop.masked_linear.default:
+            named = dict(zip((a.name for a in func._schema.arguments), args), **(kwargs or {}))
+            self.hints.append((named.get("live_count"), named.get("live_end")))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("static_shape", [True, False], ids=["static", "dynamic"])
+def test_forward_passes_the_live_count_and_the_slots_in_use(static_shape):
+    """In eager mode the forward gives the op both host-side hints: the live count and the
+    slots in use (no row past them is live), with which CUDA runs one GEMM on a prefix of
+    live rows. They follow grows and deactivations; a mask swapped in for one call, which they
+    do not describe, gets neither."""
+    layer = make_layer(13, 5, capacity=9, static_shape=static_shape)
+    x = torch.randn(4, 13)
+    calls = OpCalls()
+    with calls:
+        layer(x)
+        layer.grow(2)
+        layer(x)
+        layer.deactivate([1, 6])
+        layer(x)
+        swapped = torch.ones_like(layer.active)
+        torch.func.functional_call(layer, {"active": swapped}, (x,))
+    assert calls.hints == [(5, 5), (7, 7), (5, 7), (None, None)]
+    assert_close(layer(x), reference(layer, x), atol=1e-5, rtol=1e-5, what="after the changes")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))

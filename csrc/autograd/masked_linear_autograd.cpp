@@ -37,8 +37,11 @@ struct MaskedLinearBackward : public Node {
   // forward and backward instead of silently mixing two masks.
   SavedVariable active;
   bool has_bias = false;
+  // The forward call's strategy and hints, passed on to every call of the
+  // ops the gradients make: they are about the same mask, so they still hold.
   std::string strategy;
   std::optional<int64_t> live_count;
+  std::optional<int64_t> live_end;
 
   std::string name() const override {
     return "MaskedLinearBackward";
@@ -62,7 +65,7 @@ struct MaskedLinearBackward : public Node {
     }
     auto [grad_input, grad_weight, grad_bias] = masked_linear_backward(
         grads[0], input.unpack(), weight.unpack(), active.unpack(), output_mask,
-        strategy, live_count);
+        strategy, live_count, live_end);
     const std::array<Tensor, 3> computed = {grad_input, grad_weight, grad_bias};
     for (size_t i = 0; i < 3; ++i) {
       if (output_mask[i]) {
@@ -88,6 +91,7 @@ struct MaskedLinearDoubleBackward : public Node {
   std::array<bool, 3> computed{};
   std::string strategy;
   std::optional<int64_t> live_count;
+  std::optional<int64_t> live_end;
 
   std::string name() const override {
     return "MaskedLinearDoubleBackward";
@@ -117,13 +121,14 @@ struct MaskedLinearDoubleBackward : public Node {
     if (task_should_compute_output(0)) {
       Tensor grad;
       if (ggi.defined()) {
-        grad = masked_linear(ggi, w, std::nullopt, mask, width, 0.0, strategy, live_count);
+        grad = masked_linear(
+            ggi, w, std::nullopt, mask, width, 0.0, strategy, live_count, live_end);
       }
       if (ggw.defined() || ggb.defined()) {
         const Tensor term = masked_linear(
             x, ggw.defined() ? ggw : at::zeros_like(w),
             ggb.defined() ? std::optional<Tensor>(ggb) : std::nullopt, mask,
-            width, 0.0, strategy, live_count);
+            width, 0.0, strategy, live_count, live_end);
         grad = grad.defined() ? grad.add(term) : term;
       }
       result[0] = grad;
@@ -135,7 +140,7 @@ struct MaskedLinearDoubleBackward : public Node {
     if (output_mask[0] || output_mask[1]) {
       auto [grad_input, grad_weight, unused] = masked_linear_backward(
           g, output_mask[1] ? ggi : x, output_mask[0] ? ggw : w, mask,
-          output_mask, strategy, live_count);
+          output_mask, strategy, live_count, live_end);
       result[1] = output_mask[0] ? grad_input : Tensor();
       result[2] = output_mask[1] ? grad_weight : Tensor();
     }
@@ -151,7 +156,8 @@ Tensor masked_linear_autograd(
     c10::SymInt width,
     std::optional<double> mask_value,
     c10::string_view strategy,
-    std::optional<int64_t> live_count) {
+    std::optional<int64_t> live_count,
+    std::optional<int64_t> live_end) {
   NodeHandle<MaskedLinearBackward> grad_fn;
   if (torch::autograd::compute_requires_grad(input, weight, bias)) {
     grad_fn = make_node<MaskedLinearBackward>();
@@ -162,12 +168,13 @@ Tensor masked_linear_autograd(
     grad_fn->has_bias = bias.has_value() && bias->defined();
     grad_fn->strategy = std::string(strategy);
     grad_fn->live_count = live_count;
+    grad_fn->live_end = live_end;
   }
   Tensor out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     out = masked_linear(
-        input, weight, bias, active, width, mask_value, strategy, live_count);
+        input, weight, bias, active, width, mask_value, strategy, live_count, live_end);
   }
   if (grad_fn) {
     torch::autograd::set_history(out, grad_fn);
@@ -184,7 +191,7 @@ Tensor masked_linear_autograd(
     Tensor tangent;
     if (t_input.defined()) {
       tangent = masked_linear(
-          t_input, w, std::nullopt, active, width, 0.0, strategy, live_count);
+          t_input, w, std::nullopt, active, width, 0.0, strategy, live_count, live_end);
     }
     if (t_weight.defined()) {
       tangent = sum_defined(
@@ -192,7 +199,7 @@ Tensor masked_linear_autograd(
           masked_linear(
               primal_of(input), t_weight,
               t_bias.defined() ? std::optional<Tensor>(t_bias) : std::nullopt, active,
-              width, 0.0, strategy, live_count));
+              width, 0.0, strategy, live_count, live_end));
     } else if (t_bias.defined()) {
       // The bias's tangent in the live columns: no product with the input, which may
       // hold inf (0 x inf would be NaN).
@@ -213,7 +220,8 @@ std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_autograd(
     const Tensor& active,
     std::array<bool, 3> output_mask,
     c10::string_view strategy,
-    std::optional<int64_t> live_count) {
+    std::optional<int64_t> live_count,
+    std::optional<int64_t> live_end) {
   NodeHandle<MaskedLinearDoubleBackward> grad_fn;
   if (torch::autograd::compute_requires_grad(grad_output, input, weight)) {
     grad_fn = make_node<MaskedLinearDoubleBackward>();
@@ -226,12 +234,13 @@ std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_autograd(
     grad_fn->computed = output_mask;
     grad_fn->strategy = std::string(strategy);
     grad_fn->live_count = live_count;
+    grad_fn->live_end = live_end;
   }
   std::tuple<Tensor, Tensor, Tensor> grads;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     grads = masked_linear_backward(
-        grad_output, input, weight, active, output_mask, strategy, live_count);
+        grad_output, input, weight, active, output_mask, strategy, live_count, live_end);
   }
   if (grad_fn) {
     torch::autograd::set_history(
@@ -253,7 +262,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_autograd(
     std::array<Tensor, 3> tangents;
     if (t_grad.defined()) {
       auto [a_input, a_weight, a_bias] = masked_linear_backward(
-          t_grad, x, w, active, output_mask, strategy, live_count);
+          t_grad, x, w, active, output_mask, strategy, live_count, live_end);
       tangents = {a_input, a_weight, a_bias};
     }
     const std::array<bool, 3> second = {
@@ -261,7 +270,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_autograd(
     if (second[0] || second[1]) {
       auto [b_input, b_weight, unused] = masked_linear_backward(
           g, second[1] ? t_input : x, second[0] ? t_weight : w, active, second,
-          strategy, live_count);
+          strategy, live_count, live_end);
       if (second[0]) {
         tangents[0] = sum_defined(tangents[0], b_input);
       }

@@ -22,7 +22,8 @@ at::Tensor masked_linear(
     const c10::SymInt& width,
     std::optional<double> mask_value,
     std::string_view strategy,
-    std::optional<int64_t> live_count);
+    std::optional<int64_t> live_count,
+    std::optional<int64_t> live_end);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
     const at::Tensor& grad_output,
@@ -31,6 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
     const at::Tensor& active,
     std::array<bool, 3> output_mask,
     std::string_view strategy,
-    std::optional<int64_t> live_count);
+    std::optional<int64_t> live_count,
+    std::optional<int64_t> live_end);
 
 }  // namespace growop::ops

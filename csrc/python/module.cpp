@@ -18,7 +18,7 @@
 namespace {
 
 // growop._C.masked_linear(input, weight, bias, active, width, mask_value,
-// strategy, live_count): the same dispatcher call as
+// strategy, live_count, live_end=None): the same dispatcher call as
 // torch.ops.growop.masked_linear.default, without the generic binding's cost
 // of matching Python values to the schema, which a small layer feels. It
 // returns NotImplemented where that binding must run instead: a tensor
@@ -32,9 +32,10 @@ PyObject* masked_linear_binding(PyObject* /*module*/, PyObject* args) {
   PyObject* mask_value = nullptr;
   const char* strategy = nullptr;
   PyObject* live_count = nullptr;
+  PyObject* live_end = Py_None;
   if (!PyArg_ParseTuple(
-          args, "OOOOLOsO", &input, &weight, &bias, &active, &width,
-          &mask_value, &strategy, &live_count)) {
+          args, "OOOOLOsO|O", &input, &weight, &bias, &active, &width,
+          &mask_value, &strategy, &live_count, &live_end)) {
     return nullptr;
   }
   const bool plain = THPVariable_CheckExact(input) &&
@@ -57,13 +58,17 @@ PyObject* masked_linear_binding(PyObject* /*module*/, PyObject* args) {
       return nullptr;
     }
   }
-  std::optional<int64_t> count;
-  // A traced graph (torch.jit.trace) runs later, on the mask as it is then: no count
+  // A traced graph (torch.jit.trace) runs later, on the mask as it is then: no hint
   // baked into it.
-  if (live_count != Py_None && !torch::jit::tracer::isTracing()) {
-    count = PyLong_AsLongLong(live_count);
-    if (PyErr_Occurred()) {
-      return nullptr;
+  const bool tracing = torch::jit::tracer::isTracing();
+  std::optional<int64_t> count;
+  std::optional<int64_t> end;
+  for (auto [object, hint] : {std::pair{live_count, &count}, std::pair{live_end, &end}}) {
+    if (object != Py_None && !tracing) {
+      *hint = PyLong_AsLongLong(object);
+      if (PyErr_Occurred()) {
+        return nullptr;
+      }
     }
   }
   at::Tensor out;
@@ -72,7 +77,7 @@ PyObject* masked_linear_binding(PyObject* /*module*/, PyObject* args) {
     out = growop::ops::masked_linear(
         THPVariable_Unpack(input), THPVariable_Unpack(weight), bias_tensor,
         THPVariable_Unpack(active), c10::SymInt(width), fill,
-        std::string_view(strategy), count);
+        std::string_view(strategy), count, end);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS

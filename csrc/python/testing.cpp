@@ -1,18 +1,24 @@
 // The test-only submodule `_testing` of the extension (see testing.h):
 //
-// path_linear(path, input, weight, bias, active, width, live_count, fill) and
-// path_linear_backward(path, grad_output, input, weight, active, live_count,
-// need_input, need_weight, need_bias): one way of computing masked_linear, on
-// 2-D tensors of any device. `path`: "packed" (packed.h, CUDA's gather with a
-// live count), "dense" (dense.h as the CPU runs it) or "dense_aligned" (as
-// CUDA runs it, through a padded block where width's rows are not aligned).
-// Dense masks the dead rows unless live_count equals width.
+// path_linear(path, input, weight, bias, active, width, live_count, fill,
+// live_end=None) and path_linear_backward(path, grad_output, input, weight,
+// active, live_count, need_input, need_weight, need_bias, live_end=None): one
+// way of computing masked_linear, on 2-D tensors of any device. `path`:
+// "packed" (packed.h, CUDA's gather with a live count; it needs no live_end,
+// as CUDA's does not), "dense" (dense.h with the CPU's row alignment) or
+// "dense_aligned" (as CUDA runs it, through a padded block where the GEMM's
+// rows would not be aligned). Dense covers the rows below live_end (width
+// without it) and masks the dead ones among them unless live_count equals
+// that bound: with live_count == live_end < width it is CUDA's prefix form
+// (one GEMM into the output's first live_end columns, the rest filled).
+// Dense checks the hints against the mask as CUDA does (dense::hinted_rows).
 #include "testing.h"
 
 #include <pybind11/pybind11.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cstdint>
 #include <initializer_list>
 #include <optional>
 #include <string_view>
@@ -52,7 +58,20 @@ std::optional<TestPath> test_path(const char* name) {
   return std::nullopt;
 }
 
-PyObject* path_linear_binding(PyObject* /*module*/, PyObject* args) {
+// An optional int argument: None, or an int; else a Python error is set.
+bool optional_int(PyObject* object, std::optional<int64_t>& value) {
+  if (object == nullptr || object == Py_None) {
+    value = std::nullopt;
+    return true;
+  }
+  value = PyLong_AsLongLong(object);
+  return !PyErr_Occurred();
+}
+
+PyObject* path_linear_binding(PyObject* /*module*/, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {
+      "path", "input", "weight", "bias", "active", "width", "live_count", "fill", "live_end",
+      nullptr};
   const char* name = nullptr;
   PyObject* input = nullptr;
   PyObject* weight = nullptr;
@@ -61,9 +80,12 @@ PyObject* path_linear_binding(PyObject* /*module*/, PyObject* args) {
   long long width = 0;
   long long live_count = 0;
   double fill = 0;
-  if (!PyArg_ParseTuple(
-          args, "sOOOOLLd", &name, &input, &weight, &bias, &active, &width, &live_count,
-          &fill)) {
+  PyObject* live_end_object = nullptr;
+  std::optional<int64_t> live_end;
+  if (!PyArg_ParseTupleAndKeywords(
+          args, kwargs, "sOOOOLLd|O", const_cast<char**>(keywords), &name, &input, &weight,
+          &bias, &active, &width, &live_count, &fill, &live_end_object) ||
+      !optional_int(live_end_object, live_end)) {
     return nullptr;
   }
   const std::optional<TestPath> path = test_path(name);
@@ -83,15 +105,20 @@ PyObject* path_linear_binding(PyObject* /*module*/, PyObject* args) {
       packed::forward(
           x, w, b, packed::layout(mask, width, live_count), fill, out);
     } else {
+      const dense::Rows rows = dense::hinted_rows(mask, width, live_count, live_end);
       dense::forward(
-          x, w, b, mask, fill, live_count != width, *path == TestPath::kDenseAligned, out);
+          x, w, b, mask, rows.count, fill, !rows.all_live, *path == TestPath::kDenseAligned,
+          out);
     }
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* path_linear_backward_binding(PyObject* /*module*/, PyObject* args) {
+PyObject* path_linear_backward_binding(PyObject* /*module*/, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {
+      "path", "grad_output", "input", "weight", "active", "live_count", "need_input",
+      "need_weight", "need_bias", "live_end", nullptr};
   const char* name = nullptr;
   PyObject* grad_output = nullptr;
   PyObject* input = nullptr;
@@ -101,9 +128,13 @@ PyObject* path_linear_backward_binding(PyObject* /*module*/, PyObject* args) {
   int need_input = 0;
   int need_weight = 0;
   int need_bias = 0;
-  if (!PyArg_ParseTuple(
-          args, "sOOOOLppp", &name, &grad_output, &input, &weight, &active, &live_count,
-          &need_input, &need_weight, &need_bias)) {
+  PyObject* live_end_object = nullptr;
+  std::optional<int64_t> live_end;
+  if (!PyArg_ParseTupleAndKeywords(
+          args, kwargs, "sOOOOLppp|O", const_cast<char**>(keywords), &name, &grad_output,
+          &input, &weight, &active, &live_count, &need_input, &need_weight, &need_bias,
+          &live_end_object) ||
+      !optional_int(live_end_object, live_end)) {
     return nullptr;
   }
   const std::optional<TestPath> path = test_path(name);
@@ -129,8 +160,9 @@ PyObject* path_linear_backward_binding(PyObject* /*module*/, PyObject* args) {
           g, x, w, packed::layout(mask, width, live_count), gi_or_none,
           gw_or_none, gb_or_none);
     } else {
+      const dense::Rows rows = dense::hinted_rows(mask, width, live_count, live_end);
       dense::backward(
-          g, x, w, mask, live_count != width, *path == TestPath::kDenseAligned,
+          g, x, w, mask, rows.count, !rows.all_live, *path == TestPath::kDenseAligned,
           gi_or_none, gw_or_none, gb_or_none);
     }
   }
@@ -146,10 +178,16 @@ PyObject* path_linear_backward_binding(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// A METH_KEYWORDS function as PyMethodDef holds it (CPython's convention).
+PyCFunction with_keywords(PyCFunctionWithKeywords function) {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(function));
+}
+
 PyMethodDef methods[] = {
-    {"path_linear", path_linear_binding, METH_VARARGS,
+    {"path_linear", with_keywords(path_linear_binding), METH_VARARGS | METH_KEYWORDS,
      "one path of masked_linear's forward on any device; for tests only"},
-    {"path_linear_backward", path_linear_backward_binding, METH_VARARGS,
+    {"path_linear_backward", with_keywords(path_linear_backward_binding),
+     METH_VARARGS | METH_KEYWORDS,
      "one path of masked_linear's backward on any device; for tests only"},
     {nullptr, nullptr, 0, nullptr}};
 
