@@ -32,31 +32,17 @@ def _load_extension_helpers():
 _extension = _load_extension_helpers()
 
 
-def sources() -> list[str]:
-    files = [
-        ROOT / "csrc" / "growop.cpp",
-        *sorted((ROOT / "csrc" / "cpu").glob("*.cpp")),
-        ROOT / "csrc" / "ops" / "linear_cross_entropy.cpp",
-        ROOT / "csrc" / "loss" / "linear_cross_entropy_kernel.cpp",
-        ROOT / "csrc" / "autograd" / "linear_cross_entropy_autograd.cpp",
-    ]
-    return [str(path.relative_to(ROOT)) for path in files]
-
-
-def cuda_sources() -> list[str]:
-    cuda = ROOT / "csrc" / "cuda"
-    files = [*sorted(cuda.glob("*.cpp")), *sorted(cuda.glob("*.cu"))]
-    return [str(path.relative_to(ROOT)) for path in files]
-
-
 def extension():
-    if not _extension.builds_cuda():
-        return CppExtension("growop._C", sources(), extra_compile_args={"cxx": ["-O3"]})
+    """growop._C from the sources and flags the JIT build also uses (growop/_extension.py)."""
+    with_cuda = _extension.builds_cuda()
+    sources = [str(path.relative_to(ROOT)) for path in _extension.sources(with_cuda)]
+    if not with_cuda:
+        return CppExtension("growop._C", sources, extra_compile_args={"cxx": _extension.CXX_FLAGS})
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _extension.DEFAULT_CUDA_ARCHS)
     return CUDAExtension(
         "growop._C",
-        sources() + cuda_sources(),
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        sources,
+        extra_compile_args={"cxx": _extension.CXX_FLAGS, "nvcc": _extension.NVCC_FLAGS},
     )
 
 

@@ -10,11 +10,11 @@
 #      auto's forward+backward under torch.cuda.set_sync_debug_mode("error"), CUDA-graph
 #      replays of a static_shape layer after grow/deactivate/reactivate in
 #      tests/test_cuda_graphs.py, and the CUDA parts of the other files);
-#   4. benchmark: python benchmarks/bench_linear.py --device cuda (a row per strategy and
+#   4. benchmark: python benchmarks/bench_linear_cuda.py (a row per strategy and
 #      mask, bf16 and TF32, the dense/gather crossover R* on this GPU, grow latency);
 #   5. profile: where forward+backward's GPU time goes, kernel by kernel, in bf16 at 50%
 #      fragmented, at the prefix mask (with and without static_shape) and for a small head,
-#      beside nn.Linear (bench_linear.py --device cuda --profile; log only);
+#      beside nn.Linear (bench_linear_cuda.py --profile; log only);
 #   6. the main job: python -m growop.demo --device cuda --quick;
 #   7. compute-sanitizer memcheck over the gather kernels' odd-size and fragmented-mask
 #      tests, where compute-sanitizer exists and time is left;
@@ -201,11 +201,11 @@ if [[ "$BUILT" == 1 ]] && run_step tests; then
 fi
 
 if [[ "$BUILT" == 1 ]] && run_step bench; then
-  step "benchmark: bench_linear.py --device cuda"
+  step "benchmark: bench_linear_cuda.py"
   # expandable segments: the spread16 rows hold blocks of 8 and 16 GiB in turn (an H100
   # has 80 GiB); without them the allocator's splits could run out of memory.
   if PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout "$(budget 100)" \
-      "$PY" benchmarks/bench_linear.py --device cuda --repeats 8 \
+      "$PY" benchmarks/bench_linear_cuda.py --repeats 8 \
       --csv "$LOGS/bench_linear_cuda.csv" \
       2>&1 | tee "$LOGS/bench.log"; then
     record bench "ok (CSV: $LOGS/bench_linear_cuda.csv)"
@@ -216,9 +216,9 @@ if [[ "$BUILT" == 1 ]] && run_step bench; then
 fi
 
 if [[ "$BUILT" == 1 ]] && run_step profile; then
-  step "profile: bench_linear.py --device cuda --profile"
+  step "profile: bench_linear_cuda.py --profile"
   if PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout "$(budget 45)" \
-      "$PY" benchmarks/bench_linear.py --device cuda --profile --dtypes bf16 \
+      "$PY" benchmarks/bench_linear_cuda.py --profile --dtypes bf16 \
       --masks fragmented50 prefix small50 >"$LOGS/profile.log" 2>&1; then
     record profile "ok (kernel tables: $LOGS/profile.log)"
   else

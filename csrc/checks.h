@@ -4,8 +4,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <optional>
+#include <utility>
 #include <vector>
 
 namespace growop::checks {
@@ -70,17 +75,68 @@ inline void check_input(
       weight.size(1), ")");
 }
 
-// masked_linear(input, weight, bias, active, width, ...). `bias` is the
-// defined bias tensor, or nullptr when there is none.
+// The value of masked columns must be one the dtype holds: within its finite
+// range, or inf, -inf or NaN (ATen's rule for writing a Scalar into a tensor,
+// c10::overflows). Checked before any work, so every strategy and device
+// refuses the same calls, whatever the mask and sizes; growop/ops.py's fake
+// kernel checks the same with the same message.
+inline void check_mask_value(
+    const char* op,
+    std::optional<double> mask_value,
+    at::ScalarType dtype) {
+  if (!mask_value.has_value() || !std::isfinite(*mask_value)) {
+    return;
+  }
+  const auto [lowest, highest] = AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, dtype, "growop_mask_value_range", [&] {
+        return std::pair<double, double>(
+            static_cast<double>(std::numeric_limits<scalar_t>::lowest()),
+            static_cast<double>(std::numeric_limits<scalar_t>::max()));
+      });
+  TORCH_CHECK(
+      *mask_value >= lowest && *mask_value <= highest,
+      op, ": mask_value ", *mask_value, " cannot be converted to type ", dtype,
+      " without overflow (", dtype, " holds [", lowest, ", ", highest,
+      "], inf and -inf); pass one of those, or None for the lowest finite value");
+}
+
+// The caller's hints about the first `width` rows (csrc/strategy.h):
+// live_count, how many of them are live, and live_end, a row from which on
+// none of them is (every live row lies below it). Each is in [0, width], and
+// the live rows below live_end number at most live_end. Checked on the host,
+// before any work, by every backend; whether a hint matches the mask is
+// checked where the mask is read (csrc/dense.h, packed.h, the CPU kernels).
+inline void check_hints(
+    const char* op,
+    int64_t width,
+    std::optional<int64_t> live_count,
+    std::optional<int64_t> live_end) {
+  TORCH_CHECK(
+      !live_count.has_value() || (*live_count >= 0 && *live_count <= width),
+      op, ": live_count must be in [0, ", width, "], got ", *live_count);
+  TORCH_CHECK(
+      !live_end.has_value() || (*live_end >= 0 && *live_end <= width),
+      op, ": live_end must be in [0, ", width, "], got ", *live_end);
+  TORCH_CHECK(
+      !live_count.has_value() || !live_end.has_value() || *live_count <= *live_end,
+      op, ": live_count ", *live_count, " exceeds live_end ", *live_end,
+      ": every live row lies below live_end, so at most ", *live_end,
+      " are live; pass the exact count and a bound at or past the last live row, or None");
+}
+
+// masked_linear(input, weight, bias, active, width, mask_value, ...). `bias`
+// is the defined bias tensor, or nullptr when there is none.
 inline void check_forward(
     const char* op,
     const at::Tensor& input,
     const at::Tensor& weight,
     const at::Tensor* bias,
     const at::Tensor& active,
-    int64_t width) {
+    int64_t width,
+    std::optional<double> mask_value) {
   check_weight_and_mask(op, weight, active);
   check_input(op, input, weight);
+  check_mask_value(op, mask_value, weight.scalar_type());
   const int64_t capacity = weight.size(0);
   TORCH_CHECK(
       width >= 0 && width <= capacity,

@@ -8,11 +8,11 @@
 // the weight gradient's rows.
 //
 // ATen ops only, no device code and no host sync: the same code runs on any
-// device (CUDA's glue calls it; the extension module's _path_linear
-// bindings run it on the CPU for tests). The live count must be known on the
-// host, since it sizes the packed block; the device checks it against the
-// mask (a wrong count is an error on the CPU and a device-side assert on CUDA,
-// never a wrong result).
+// device (CUDA's glue calls it; the extension's test-only submodule,
+// csrc/python/testing.cpp, runs it on the CPU for tests). The live count
+// must be known on the host, since it sizes the packed block; the device
+// checks it against the mask (a wrong count is an error on the CPU and a
+// device-side assert on CUDA, never a wrong result).
 #pragma once
 
 #include <ATen/ATen.h>

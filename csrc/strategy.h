@@ -1,16 +1,27 @@
 // Which of the two ways to compute a masked linear runs a call: the one rule,
 // shared by every backend.
 //
-// - dense: ATen GEMMs over all of the first `width` rows, dead columns masked
-//   after (see dense.h). Same code on every device; on CUDA it is cuBLAS and
-//   reads the mask only on the device, so it never synchronises.
+// - dense: ATen GEMMs over the rows below width that may be live, dead
+//   columns among them masked after, the rest filled (see dense.h). Same code
+//   on every device; on CUDA it is cuBLAS and reads the mask only on the
+//   device, so it never synchronises. When every one of those rows is live (a
+//   prefix) it is one GEMM straight into the output's first columns, with no
+//   masking pass.
 // - gather: work that follows the live rows (runs and gathered chunks on the
 //   CPU; on CUDA, cuBLAS on the packed live rows when the caller knows the
 //   live count, else the live-row kernels).
 //
-// Dense does width / live times the useful work at full GEMM speed; gather
+// The rows that may be live are the first `width`, or fewer where the caller
+// says so: live_end, a row from which on none below width is live (GrowLinear
+// passes its slots in use, which matters with static_shape, where width is
+// the capacity). The CPU reads the mask itself: it weighs width / live, as
+// its crossover was measured (its gather covers a dead tail at no cost, the
+// runs ending at the last live row), and ends its dense work at the last live
+// row.
+//
+// Dense does rows / live times the useful work at full GEMM speed; gather
 // does only the useful work, at a lower speed. `auto` takes gather only where
-// width / live exceeds the crossover R* of the device.
+// rows / live exceeds the crossover R* of the device.
 #pragma once
 
 #include <c10/core/DeviceType.h>
@@ -54,7 +65,8 @@ constexpr int64_t kCpuMinSavedWork = int64_t{1} << 16;
 // multiply-adds, so a head of a few thousand rows stays one cuBLAS GEMM.
 constexpr int64_t kCudaMinSavedWork = int64_t{1} << 32;
 
-// `num_live`: the live rows among the first `width`, if known without a
+// `rows`: the rows the work may cover (width, or the caller's live_end on
+// CUDA). `num_live`: the live rows among them, if known without a
 // device-to-host sync; without it `auto` takes dense. `row_work`: the
 // multiply-adds of one row, batch x in_features. `crossover_override`: the R*
 // to use instead of the device's (CUDA's while a graph is captured).
@@ -62,7 +74,7 @@ inline Path choose_path(
     const char* op,
     std::string_view strategy,
     c10::DeviceType device,
-    int64_t width,
+    int64_t rows,
     std::optional<int64_t> num_live,
     int64_t row_work,
     std::optional<double> crossover_override = std::nullopt) {
@@ -79,13 +91,13 @@ inline Path choose_path(
       device == c10::DeviceType::CUDA ? kCudaMinSavedWork : kCpuMinSavedWork;
   // In double: dead rows x batch x in_features can pass 2^63.
   if (!num_live.has_value() ||
-      static_cast<double>(width - *num_live) * static_cast<double>(row_work) <
+      static_cast<double>(rows - *num_live) * static_cast<double>(row_work) <
           static_cast<double>(min_saved_work)) {
     return Path::kDense;
   }
   const double crossover = crossover_override.value_or(
       device == c10::DeviceType::CUDA ? kCudaCrossover : kCpuCrossover);
-  return static_cast<double>(width) > crossover * static_cast<double>(*num_live)
+  return static_cast<double>(rows) > crossover * static_cast<double>(*num_live)
       ? Path::kGather
       : Path::kDense;
 }

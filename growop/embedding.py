@@ -12,6 +12,20 @@ from torch.nn.utils import skip_init
 from growop.rows import GrowRows, checked_int, resolved_capacity
 
 
+class EmbeddingArgumentError(ValueError, AssertionError):
+    """A constructor argument that ``nn.Embedding`` refuses with an ``AssertionError`` (a
+    ``padding_idx`` out of range, a ``_weight`` of another shape): a ``ValueError`` and an
+    ``AssertionError`` both, so ``except`` clauses written for either still catch it."""
+
+
+class NegativeSizeError(ValueError, RuntimeError):
+    """A negative ``num_embeddings`` or ``embedding_dim``, which ``nn.Embedding`` refuses with
+    a ``RuntimeError`` (a tensor of negative dimension): both, as :class:`EmbeddingArgumentError`."""
+
+
+# The id dtypes F.embedding takes; any other reaches it unchecked, for nn.Embedding's own error.
+_ID_DTYPES = (torch.int64, torch.int32)
+
 _SPARSE_UNSUPPORTED = (
     "GrowEmbedding does not support sparse=True: its gradient would be a sparse "
     "(capacity, embedding_dim) tensor that growop's optimizer handling does not cover. Use a "
@@ -26,7 +40,7 @@ class GrowEmbedding(GrowRows, nn.Embedding):
     are live. :meth:`grow` makes the next rows live: within capacity it allocates no new
     storage, and the Parameter, its ``data_ptr()``, the optimizer's state and DDP's buckets
     stay valid. Rows, their mask, growing, reallocation and checkpoints are
-    :class:`growop.rows.GrowRows`'; this class adds the lookup.
+    :mod:`growop.rows`'; this class adds the lookup.
 
     A lookup never reads a row that is not live: an id ``>= num_embeddings``, negative, or
     of a deactivated row raises ``IndexError`` on the CPU, as ``nn.Embedding`` does for an
@@ -56,16 +70,19 @@ class GrowEmbedding(GrowRows, nn.Embedding):
     Attributes:
         weight: ``(capacity, embedding_dim)`` Parameter.
         active: bool buffer ``(capacity,)``; rows ``>= num_embeddings`` are never live.
-        num_embeddings: token slots in use; grows with :meth:`grow`. Ids below it are valid
-            unless deactivated.
+        num_embeddings: token slots in use; grows with :meth:`grow` (read-only). Ids below
+            it are valid unless deactivated.
         capacity: rows allocated.
+        live_count: live rows, ``int(active.sum())``, kept on the host.
+        rows: a read-only view of the rows (``used``, ``live``, ``capacity``, ``params``),
+            shared with the layers this one grows together with.
 
     Shape:
         - Input: ``(*)``, integer ids.
         - Output: ``(*, embedding_dim)``.
     """
 
-    _used_attr = "num_embeddings"
+    _used_name = "num_embeddings"
 
     def __init__(
         self,
@@ -90,24 +107,26 @@ class GrowEmbedding(GrowRows, nn.Embedding):
             dtype = _weight.dtype if dtype is None else dtype
         factory_kwargs = {"device": device, "dtype": dtype}
         nn.Module.__init__(self)  # not nn.Embedding.__init__: it allocates num_embeddings rows
-        num_embeddings = checked_int(num_embeddings, "GrowEmbedding: num_embeddings", 0)
-        embedding_dim = checked_int(embedding_dim, "GrowEmbedding: embedding_dim", 0)
+        num_embeddings = _size(num_embeddings, "num_embeddings")
+        embedding_dim = _size(embedding_dim, "embedding_dim")
         capacity = resolved_capacity(capacity, num_embeddings, "GrowEmbedding", "num_embeddings")
         if padding_idx is not None:
-            padding_idx = checked_int(padding_idx, "GrowEmbedding: padding_idx", -num_embeddings)
+            try:
+                padding_idx = checked_int(padding_idx, "GrowEmbedding: padding_idx", -num_embeddings)
+            except ValueError as error:
+                raise EmbeddingArgumentError(str(error)) from None
             if padding_idx < 0:
                 padding_idx += num_embeddings
             if padding_idx >= num_embeddings:
-                raise ValueError(
+                raise EmbeddingArgumentError(
                     f"GrowEmbedding: padding_idx ({padding_idx}) must be < num_embeddings "
                     f"({num_embeddings})"
                 )
         if _weight is not None and tuple(_weight.shape) != (num_embeddings, embedding_dim):
-            raise ValueError(
+            raise EmbeddingArgumentError(
                 f"GrowEmbedding: _weight has shape {tuple(_weight.shape)}, expected "
                 f"(num_embeddings, embedding_dim) = ({num_embeddings}, {embedding_dim})"
             )
-        self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
         self.max_norm = max_norm
@@ -125,6 +144,15 @@ class GrowEmbedding(GrowRows, nn.Embedding):
                 self.weight[:num_embeddings].copy_(_weight)
                 self.weight[num_embeddings:].zero_()
 
+    @property
+    def num_embeddings(self) -> int:
+        """Token slots in use; grows with :meth:`grow`."""
+        return self._rows.used
+
+    @num_embeddings.setter
+    def num_embeddings(self, value: int) -> None:
+        self._assign_used(value)
+
     def reset_parameters(self) -> None:
         """Leaves the layer as its constructor would: every row drawn as ``nn.Embedding``
         draws it (``N(0, 1)``, the padding row zero), every slot in use live, and a new seed
@@ -137,9 +165,11 @@ class GrowEmbedding(GrowRows, nn.Embedding):
         if self.sparse:
             raise RuntimeError(_SPARSE_UNSUPPORTED)
         active = self._buffers.get("active")  # the tensor itself, also under torch.fx
+        live_count = None
         if active is not None and not torch.compiler.is_compiling():
-            self._live_count_for(active)  # counts follow a mask something else wrote
-        input = self._check_ids(input)
+            # Counts follow a mask something else wrote; None for one swapped in for a call.
+            live_count = self._rows.live_count_for(self, active)
+        input = self._check_ids(input, live_count)
         return F.embedding(
             input,
             self.weight,
@@ -250,19 +280,27 @@ class GrowEmbedding(GrowRows, nn.Embedding):
 
     # ------------------------------------------------------------------ internals
 
-    def _check_ids(self, input: Tensor) -> Tensor:
-        """Raises unless every id is live, before any row is read; returns the ids."""
-        recorded = torch.jit.is_tracing() or is_fx_symbolic_tracing() or torch.compiler.is_exporting()
-        if not is_fx_symbolic_tracing() and (
-            input.is_floating_point() or input.is_complex() or input.dtype == torch.bool
-        ):
-            return input  # F.embedding gives its own error for non-integer ids
+    def _check_ids(self, input: Tensor, live_count: int | None) -> Tensor:
+        """Raises unless every id is live, before any row is read; returns the ids.
+
+        ``live_count`` is the layer's live count where it describes the mask, else None.
+        Ids F.embedding does not take (not a tensor, a dtype other than int64 and int32)
+        reach it unchecked, so the error is ``nn.Embedding``'s own. Under ``torch.func.vmap``
+        (a vmap over ids, ``vmap(grad)``, ``stack_module_state`` ensembles) no value is read
+        on the host, since the ids or the mask are batched: an id that is not live becomes
+        one far out of range, which the lookup refuses as ``nn.Embedding`` refuses an id
+        out of range (``IndexError`` on the CPU, a device-side assertion on CUDA).
+        """
+        fx_tracing = is_fx_symbolic_tracing()
+        if not fx_tracing and (not isinstance(input, Tensor) or input.dtype not in _ID_DTYPES):
+            return input
+        recorded = torch.jit.is_tracing() or fx_tracing or torch.compiler.is_exporting()
         compiling = torch.compiler.is_compiling()
+        batched = not (recorded or compiling) and _inside_vmap()
         if not (recorded or compiling):  # host counts, read only where nothing guards on them
-            used = self.num_embeddings
-            # A mask swapped in for this call (functional_call) is not the one counted.
-            all_live = self._live_count == used and self.active is self._mask_seen
-        if recorded or compiling or input.device.type != "cpu":
+            used = self._rows.used
+            all_live = live_count == used
+        if recorded or compiling or batched or input.device.type != "cpu":
             # No host synchronisation: a device-side assertion, as nn.Embedding's.
             capacity = self.weight.shape[0]
             if recorded or compiling:
@@ -274,12 +312,15 @@ class GrowEmbedding(GrowRows, nn.Embedding):
             else:
                 ok = (input >= 0) & (input < used)
                 if not all_live:
-                    ok &= self.active[input.clamp(0, capacity - 1)]
+                    ok = ok & self.active[input.clamp(0, capacity - 1)]  # not in place: the mask may be batched
+            if batched or torch.jit.is_tracing():
+                # vmap has no batching rule for the assertion, and torch.jit.trace drops
+                # ops whose results go unused, the assertion among them: an id that fails
+                # the check becomes one the lookup refuses. Far below zero, not -1: with a
+                # batched weight (an ensemble) vmap looks up ids offset by member * rows,
+                # which would turn -1 into a row of the previous member.
+                return torch.where(ok, input, torch.iinfo(input.dtype).min // 2)
             torch._assert_async(ok.all(), "GrowEmbedding: an id is out of range or not live")
-            if torch.jit.is_tracing():
-                # torch.jit.trace drops ops whose results go unused, the assertion among
-                # them: an id that fails the check becomes -1, which the lookup refuses.
-                return torch.where(ok, input, -1)
             return input
         if input.numel() == 0:
             return input
@@ -300,3 +341,19 @@ class GrowEmbedding(GrowRows, nn.Embedding):
                     "before looking it up"
                 )
         return input
+
+
+def _size(value, name: str) -> int:
+    """A size argument, checked as :func:`checked_int` checks it; a negative one raises
+    :class:`NegativeSizeError`, as ``nn.Embedding`` raises ``RuntimeError``."""
+    try:
+        return checked_int(value, f"GrowEmbedding: {name}", 0)
+    except ValueError as error:
+        raise NegativeSizeError(str(error)) from None
+
+
+def _inside_vmap() -> bool:
+    """Whether this runs inside ``torch.func.vmap``, where tensors may be batched and no
+    value can be read on the host."""
+    vmap = torch._C._functorch.TransformType.Vmap
+    return any(level.key() == vmap for level in torch._C._functorch.get_interpreter_stack() or ())

@@ -19,6 +19,7 @@ def masked_linear(
     out_features: int | None = None,
     mask_value: float | None = None,
     live_count: int | None = None,
+    live_end: int | None = None,
 ) -> Tensor:
     """A linear layer over the live rows of an over-provisioned weight.
 
@@ -38,7 +39,19 @@ def masked_linear(
             gather run cuBLAS on the packed live rows, and dense skip the masking pass when
             every row is live. It must be exact: the CUDA path checks it on the device (a
             wrong count is a device-side assert) and sets it aside while a CUDA graph is
-            captured. Without it CUDA's ``auto`` takes dense; the CPU counts the mask itself.
+            captured. Without it CUDA's ``auto`` takes dense; the CPU counts the mask itself
+            and refuses a count that differs.
+        live_end: a row from which on none below ``out_features`` is live (every live row
+            lies below it), if the caller knows it (``GrowLinear`` passes its slots in use,
+            ``rows.used``). CUDA then works on the first ``live_end`` rows only and fills the
+            other columns once; with ``live_count == live_end`` as well (the live rows are
+            exactly the first ``live_end``, as in a ``static_shape`` layer where nothing is
+            deactivated) it is one GEMM of ``weight[:live_end]`` straight into the output's
+            first columns, with no gather, copy or masking pass, forward and backward. Like
+            ``live_count`` it never changes the result: both are checked against the mask
+            where they shape the work (an error on the CPU, which reads the mask itself and
+            refuses a wrong hint; a device-side assert on CUDA) and set aside while a CUDA
+            graph is captured.
 
     Returns:
         ``(*, out_features)``: column ``j`` is ``input @ weight[j] + bias[j]`` where
@@ -47,7 +60,7 @@ def masked_linear(
         computed.
     """
     width = weight.shape[0] if out_features is None else out_features
-    return ops.masked_linear(input, weight, bias, active, width, mask_value, live_count)
+    return ops.masked_linear(input, weight, bias, active, width, mask_value, live_count, live_end)
 
 
 def linear_cross_entropy(

@@ -47,8 +47,11 @@ class GrowLinear(GrowRows, nn.Linear):
         weight: ``(capacity, in_features)`` Parameter.
         bias: ``(capacity,)`` Parameter, or ``None``.
         active: bool buffer ``(capacity,)``; rows ``>= out_features`` are never live.
-        out_features: output slots in use; grows with :meth:`grow`.
+        out_features: output slots in use; grows with :meth:`grow` (read-only).
         capacity: rows allocated.
+        live_count: live rows, ``int(active.sum())``, kept on the host.
+        rows: a read-only view of the rows (``used``, ``live``, ``capacity``, ``params``),
+            shared with the layers this one grows together with.
 
     Shape:
         - Input: ``(*, in_features)``.
@@ -58,7 +61,6 @@ class GrowLinear(GrowRows, nn.Linear):
     __constants__ = ["in_features"]
 
     in_features: int
-    out_features: int
     weight: Tensor
     active: Tensor
 
@@ -86,7 +88,6 @@ class GrowLinear(GrowRows, nn.Linear):
                 f"got {resolved_dtype}"
             )
         self.in_features = in_features
-        self.out_features = out_features
         self.mask_value = mask_value
         self.static_shape = bool(static_shape)
         self.weight = Parameter(torch.empty((capacity, in_features), **factory_kwargs))
@@ -98,6 +99,15 @@ class GrowLinear(GrowRows, nn.Linear):
         self.reset_parameters()
 
     # ------------------------------------------------------------------ basics
+
+    @property
+    def out_features(self) -> int:
+        """Output slots in use; grows with :meth:`grow`."""
+        return self._rows.used
+
+    @out_features.setter
+    def out_features(self, value: int) -> None:
+        self._assign_used(value)
 
     def reset_parameters(self) -> None:
         """Leaves the layer as its constructor would: every row initialised as ``nn.Linear``
@@ -111,16 +121,17 @@ class GrowLinear(GrowRows, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            # The host-side live count is left out under compile: an int that changes on
-            # every grow would be a guard, and a recompile.
+            # The host-side hints (live count, slots in use) are left out under compile: an
+            # int that changes on every grow would be a guard, and a recompile.
             if self.static_shape:
                 return self._masked_linear(input, self.capacity, None)
             return _forward_with_dynamic_width(self, input)
         # Eager: the row tensors straight from the module's own dicts, where
         # nn.Module.__getattr__ would find them; three lookups through it cost about what a
         # small head's GEMM does. A tensor that is not there (a parametrization, weight_norm)
-        # is read as an ordinary attribute. The live count lets auto choose a strategy
-        # without a device sync.
+        # is read as an ordinary attribute. The hints let auto choose a strategy without a
+        # device sync: the live count, and the slots in use, past which no row is live (with
+        # static_shape and nothing deactivated, CUDA's one GEMM on the first rows).
         weight = self._parameters.get("weight")
         if weight is None:
             weight = self.weight
@@ -130,15 +141,20 @@ class GrowLinear(GrowRows, nn.Linear):
         active = self._buffers.get("active")
         if active is None:
             active = self.active
-        # GrowRows._live_count_for, with its common case (the mask growop last wrote, as it
-        # left it) inline: a method call is felt by a small head's forward.
-        version = self._mask_version
-        if active is self._mask_seen and (version is None or active._version == version):
-            live_count = self._live_count
+        # RowSet.live_count_for, with its common case (the mask growop last wrote, as it
+        # left it) inline: a method call is felt by a small head's forward. The counts are
+        # read from the row set, which owns them.
+        rows = self._rows
+        seen, version = self._mask_record
+        if active is seen and (version is None or active._version == version):
+            live_count = rows.live
         else:
-            live_count = self._live_count_for(active)
-        width = weight.shape[0] if self.static_shape else self.out_features
-        return ops.masked_linear(input, weight, bias, active, width, self.mask_value, live_count)
+            live_count = rows.live_count_for(self, active)
+        # Read after live_count_for, which follows a mask written elsewhere; both hints
+        # describe the mask or neither is given.
+        used = rows.used if live_count is not None else None
+        width = weight.shape[0] if self.static_shape else rows.used
+        return ops.masked_linear(input, weight, bias, active, width, self.mask_value, live_count, used)
 
     def _masked_linear(self, input: Tensor, width: int, live_count: int | None) -> Tensor:
         return functional.masked_linear(
@@ -187,8 +203,9 @@ class GrowLinear(GrowRows, nn.Linear):
         width = self.out_features
         if class_weight is not None and self.static_shape and class_weight.shape[:1] == (self.capacity,):
             class_weight = class_weight[:width]
-        return self._cross_entropy(input, target, width, self._live_count_for(self.active), ignore_index,
-                                   reduction, label_smoothing, classes, class_weight, chunk_size)
+        live_count = self._rows.live_count_for(self, self.active)
+        return self._cross_entropy(input, target, width, live_count, ignore_index, reduction,
+                                   label_smoothing, classes, class_weight, chunk_size)
 
     def _cross_entropy(self, input, target, width, live_count, ignore_index, reduction,
                        label_smoothing, classes, class_weight, chunk_size) -> Tensor:

@@ -6,7 +6,8 @@ not come back to Python between the op and its kernels, and it composes with ``t
 and with gradients of any order). This file gives each operator its Python face: a fake
 (meta) kernel, so it traces under ``torch.compile`` and runs on the meta device; a
 ``torch.func.vmap`` batching rule; and an autocast rule that makes ``masked_linear``
-behave as ``F.linear`` does under ``torch.autocast``.
+behave as ``F.linear`` does under ``torch.autocast``. Which dispatch key of each operator is
+registered where, in C++ or here: the table at the top of ``csrc/ops/masked_linear.cpp``.
 
 Strategy: each call is computed ``dense`` (one GEMM over the first ``width`` rows, dead
 columns masked after) or ``gather`` (kernels whose work follows the live rows); ``auto``
@@ -77,23 +78,32 @@ def masked_linear(
     width: int,
     mask_value: float | None = None,
     live_count: int | None = None,
+    live_end: int | None = None,
 ) -> Tensor:
     """``out[..., j] = input @ weight[j] + bias[j]`` for live ``j < width``, else ``mask_value``.
 
-    ``mask_value=None`` means the lowest finite value of the input's dtype. ``live_count``,
-    the number of live rows among the first ``width`` where the caller knows it, lets the
-    ``auto`` strategy choose on CUDA without reading the mask; it never changes the result.
+    ``mask_value=None`` means the lowest finite value of the input's dtype. Two hints about
+    the first ``width`` rows, where the caller knows them without reading the mask, neither
+    ever changing the result: ``live_count``, how many are live, lets the ``auto`` strategy
+    choose on CUDA without reading the mask; ``live_end``, a row from which on none is live,
+    bounds the work (``live_count == live_end``: the live rows are exactly the first
+    ``live_end``, one GEMM on them).
     """
     # Eager calls with plain tensors take the direct binding; tracing, tensor subclasses and
     # torch-function modes (the binding answers NotImplemented) take the op's Python face.
     if not torch.compiler.is_compiling():
-        out = _masked_linear_binding(input, weight, bias, active, width, mask_value, _strategy, live_count)
+        out = _masked_linear_binding(
+            input, weight, bias, active, width, mask_value, _strategy, live_count, live_end
+        )
         if out is not NotImplemented:
             return out
         if is_fx_symbolic_tracing():
-            live_count = None  # a graph runs later, on the mask as it is then (the binding
-            # drops the count under torch.jit.trace likewise)
-    return _masked_linear_op(input, weight, bias, active, width, mask_value, _strategy, live_count)
+            live_count = live_end = None  # a graph runs later, on the mask as it is then (the
+            # binding drops the hints under torch.jit.trace likewise)
+    # live_end only where given: a call without it is the call callers made before it
+    # existed, and a graph traced from one reads the same.
+    hints = (live_count,) if live_end is None else (live_count, live_end)
+    return _masked_linear_op(input, weight, bias, active, width, mask_value, _strategy, *hints)
 
 
 def masked_linear_backward(
@@ -103,14 +113,16 @@ def masked_linear_backward(
     active: Tensor,
     output_mask: tuple[bool, bool, bool] = (True, True, True),
     live_count: int | None = None,
+    live_end: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``masked_linear`` for ``grad_output``: ``(grad_input, grad_weight, grad_bias)``.
 
     ``grad_weight`` is ``(capacity, in_features)`` and ``grad_bias`` ``(capacity,)``, both zero
     off the live rows. An output that ``output_mask`` does not ask for is an empty tensor.
+    The hints as for :func:`masked_linear`, of the first ``grad_output.shape[-1]`` rows.
     """
     return _ops.masked_linear_backward.default(
-        grad_output, input, weight, active, list(output_mask), _strategy, live_count
+        grad_output, input, weight, active, list(output_mask), _strategy, live_count, live_end
     )
 
 
@@ -147,13 +159,52 @@ def _check_input(input: Tensor, weight: Tensor) -> None:
     torch._check(input.dtype == weight.dtype, lambda: "input and weight dtypes must match")
 
 
+# The names C++ prints for the dtypes (at::ScalarType), so that both checks read the same.
+_DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+                torch.float16: "Half"}
+
+
+def _check_mask_value(op: str, mask_value: float | None, dtype: torch.dtype) -> None:
+    """The kernels' rule (csrc/checks.h, check_mask_value) with their message: the value of
+    masked columns within the dtype's finite range, or inf, -inf or NaN."""
+    if mask_value is None or dtype not in _DTYPE_NAMES:
+        return
+    info, name = torch.finfo(dtype), _DTYPE_NAMES[dtype]
+    torch._check(
+        info.min <= mask_value <= info.max or abs(mask_value) == float("inf") or mask_value != mask_value,
+        lambda: f"{op}: mask_value {mask_value:g} cannot be converted to type {name} without overflow "
+        f"({name} holds [{info.min:g}, {info.max:g}], inf and -inf); pass one of those, or None for "
+        "the lowest finite value",
+    )
+
+
+def _check_hints(op: str, width, live_count: int | None, live_end: int | None) -> None:
+    """The kernels' range checks of the hints (csrc/checks.h, check_hints), with their
+    messages; whether a hint matches the mask only a kernel can tell."""
+    if live_count is not None:
+        torch._check(0 <= live_count <= width,
+                     lambda: f"{op}: live_count must be in [0, {width}], got {live_count}")
+    if live_end is not None:
+        torch._check(0 <= live_end <= width, lambda: f"{op}: live_end must be in [0, {width}], got {live_end}")
+    if live_count is not None and live_end is not None:
+        torch._check(
+            live_count <= live_end,
+            lambda: f"{op}: live_count {live_count} exceeds live_end {live_end}: every live row lies below "
+            f"live_end, so at most {live_end} are live; pass the exact count and a bound at or past the last "
+            "live row, or None",
+        )
+
+
 @torch.library.register_fake("growop::masked_linear")
-def _masked_linear_fake(input, weight, bias, active, width, mask_value=None, strategy="auto", live_count=None):
+def _masked_linear_fake(input, weight, bias, active, width, mask_value=None, strategy="auto", live_count=None,
+                        live_end=None):
     _check_devices("growop.masked_linear", weight, input=input, bias=bias, active=active)
     _check_mask(weight, active)
     _check_input(input, weight)
+    _check_mask_value("growop.masked_linear", mask_value, weight.dtype)
     torch._check(0 <= width, lambda: f"width {width} must be >= 0")
     torch._check(width <= weight.shape[0], lambda: f"width {width} exceeds the capacity")
+    _check_hints("growop.masked_linear", width, live_count, live_end)
     if bias is not None:
         torch._check(bias.shape == (weight.shape[0],), lambda: "bias must be (capacity,)")
     return input.new_empty((*input.shape[:-1], width))
@@ -161,13 +212,14 @@ def _masked_linear_fake(input, weight, bias, active, width, mask_value=None, str
 
 @torch.library.register_fake("growop::masked_linear_backward")
 def _masked_linear_backward_fake(
-    grad_output, input, weight, active, output_mask, strategy="auto", live_count=None
+    grad_output, input, weight, active, output_mask, strategy="auto", live_count=None, live_end=None
 ):
     _check_devices("growop.masked_linear_backward", weight, grad_output=grad_output, input=input,
                    active=active)
     _check_mask(weight, active)
     _check_input(input, weight)
     torch._check(grad_output.shape[:-1] == input.shape[:-1], lambda: "grad_output does not match input")
+    _check_hints("growop.masked_linear_backward", grad_output.shape[-1], live_count, live_end)
     capacity, in_features = weight.shape
     return (
         weight.new_empty(input.shape if output_mask[0] else (0,)),
@@ -208,8 +260,8 @@ def _per_slice(op, info, in_dims, args):
 
 @torch.library.register_vmap("growop::masked_linear")
 def _masked_linear_vmap(info, in_dims, input, weight, bias, active, width, mask_value=None,
-                        strategy="auto", live_count=None):
-    args = (input, weight, bias, active, width, mask_value, strategy, live_count)
+                        strategy="auto", live_count=None, live_end=None):
+    args = (input, weight, bias, active, width, mask_value, strategy, live_count, live_end)
     op = _ops.masked_linear.default
     if not any(_vmapped(in_dims)[1:]):
         return op(input.movedim(in_dims[0], 0), *args[1:]), 0
@@ -218,8 +270,8 @@ def _masked_linear_vmap(info, in_dims, input, weight, bias, active, width, mask_
 
 @torch.library.register_vmap("growop::masked_linear_backward")
 def _masked_linear_backward_vmap(info, in_dims, grad_output, input, weight, active, output_mask,
-                                 strategy="auto", live_count=None):
-    args = (grad_output, input, weight, active, output_mask, strategy, live_count)
+                                 strategy="auto", live_count=None, live_end=None):
+    args = (grad_output, input, weight, active, output_mask, strategy, live_count, live_end)
     op = _ops.masked_linear_backward.default
     input_only = output_mask[0] and not output_mask[1] and not output_mask[2]
     if input_only and not any(_vmapped(in_dims)[2:]):
@@ -253,7 +305,7 @@ def _autocast_cast(value, device_type: str, dtype: torch.dtype):
 
 def _autocast_kernel(device_type: str):
     def masked_linear_autocast(input, weight, bias, active, width, mask_value=None,
-                               strategy="auto", live_count=None):
+                               strategy="auto", live_count=None, live_end=None):
         # torch.library.register_autocast fixes one dtype per device at registration, but
         # the context chooses it at run time (bfloat16 or float16 on either device), so the
         # kernel reads it from the context, as autocast's own kernels do.
@@ -261,7 +313,7 @@ def _autocast_kernel(device_type: str):
         input, weight, bias = (_autocast_cast(t, device_type, dtype) for t in (input, weight, bias))
         with torch.autocast(device_type, enabled=False):
             return _ops.masked_linear.default(
-                input, weight, bias, active, width, mask_value, strategy, live_count
+                input, weight, bias, active, width, mask_value, strategy, live_count, live_end
             )
 
     return masked_linear_autocast

@@ -6,7 +6,8 @@ when the model ties them, one mask either way). From then on
 ``model.resize_token_embeddings(n, optimizer=opt)`` grows the vocabulary in place: no
 allocation within capacity, the same Parameters, the optimizer's state kept and new rows
 given fresh per-row Adam steps. ``to_plain(model)`` turns it back into stock modules for
-``save_pretrained``.
+``save_pretrained``. In a ``Trainer``, :class:`GrowVocabularyCallback` adds tokens at a
+given step; the capacity travels with checkpoints in ``config.growop_capacity``.
 
 This is the only growop module that imports ``transformers``.
 """
@@ -25,7 +26,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 try:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, TrainerCallback
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "growop.transformers needs the transformers package: pip install 'growop[hf]'"
@@ -34,12 +35,15 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 import growop
 from growop import distributed
 from growop.embedding import GrowEmbedding
-from growop.modules import GrowLinear, default_capacity
-from growop.rows import GROWTH_FACTOR, checked_int
+from growop.modules import GrowLinear
+from growop.rows import checked_int, default_capacity, grown_capacity
 
-__all__ = ["fuse_loss", "make_growable", "resize_token_embeddings", "to_plain"]
+__all__ = ["GrowVocabularyCallback", "fuse_loss", "make_growable", "resize_token_embeddings", "to_plain"]
 
 _RESIZE = "resize_token_embeddings"
+# The config attribute that carries the capacity with a checkpoint's config.json, so that a
+# model rebuilt from it and made growable has the rows the checkpoint was saved with.
+CAPACITY_KEY = "growop_capacity"
 
 
 def make_growable(
@@ -53,7 +57,9 @@ def make_growable(
 
     The input embedding becomes a :class:`GrowEmbedding` and the output head a
     :class:`GrowLinear` with ``capacity`` rows (default :func:`growop.default_capacity` of
-    the vocabulary: 25% headroom, at least 8 rows). A tied head keeps sharing the
+    the vocabulary: 25% headroom, at least 8 rows; a model built from the config of a
+    growable model's checkpoint gets the capacity recorded there, ``config.growop_capacity``,
+    when it holds the vocabulary; an explicit ``capacity`` wins). A tied head keeps sharing the
     embedding's weight Parameter; an untied one shares its mask, so both always have the
     same live tokens. ``static_shape=True`` makes the logits ``capacity`` wide (tokens not
     yet added are masked), so growing changes no shape.
@@ -100,7 +106,7 @@ def make_growable(
             f"make_growable: the output head is a {type(head).__name__}, whose forward "
             "is not nn.Linear's; growop cannot carry it over"
         )
-    capacity = default_capacity(vocab) if capacity is None else capacity
+    capacity = _recorded_capacity(model, vocab) if capacity is None else capacity
     tied = head is not None and head.weight is embedding.weight
 
     grow_embedding = _growable_class(type(embedding)).from_embedding(embedding, capacity=capacity)
@@ -114,6 +120,7 @@ def make_growable(
     if grow_head is not None:
         _carry_over(head, grow_head)
     model.set_input_embeddings(grow_embedding)
+    _one_module_per_path(model, grow_embedding)
     if grow_head is not None:
         model.set_output_embeddings(grow_head)
     # An instance attribute, so the model keeps its class (and save_pretrained its
@@ -178,6 +185,9 @@ def resize_token_embeddings(
     live = embedding.num_embeddings
     if new_num_tokens is None and pad_to_multiple_of is None:
         return embedding
+    # transformers' order and exception types: pad_to_multiple_of first (ValueError), then
+    # new_num_tokens (TypeError for a non-integer), before anything about the vocabulary.
+    multiple = None if pad_to_multiple_of is None else _checked_multiple(pad_to_multiple_of)
     new = live if new_num_tokens is None else checked_int(new_num_tokens, f"{_RESIZE}: new_num_tokens", 0)
     if new < live:
         raise ValueError(
@@ -187,11 +197,10 @@ def resize_token_embeddings(
         )
     capacity = embedding.capacity
     if new > capacity:  # the growth policy of grow(): room for the tokens to come
-        capacity = max(default_capacity(new), math.ceil(capacity * GROWTH_FACTOR))
-    if pad_to_multiple_of is not None:
-        multiple = checked_int(pad_to_multiple_of, f"{_RESIZE}: pad_to_multiple_of", 1)
+        capacity = grown_capacity(capacity, new)
+    if multiple is not None:
         capacity = math.ceil(capacity / multiple) * multiple
-    if new > live and mean_resizing and embedding._live_count == 0:
+    if new > live and mean_resizing and embedding.live_count == 0:
         raise ValueError(  # before reserve() reallocates anything
             "resize_token_embeddings: mean_resizing needs at least one live token; "
             "reactivate one or pass mean_resizing=False"
@@ -255,6 +264,67 @@ def to_plain(model: PreTrainedModel) -> PreTrainedModel:
     _unfuse_loss(model)
     _sync_vocab_size(model)
     return model
+
+
+class GrowVocabularyCallback(TrainerCallback):
+    """Adds ``tokens`` to ``tokenizer`` and grows the model's vocabulary in place after
+    optimizer step ``step`` of a ``Trainer``: the one line a mid-training grow takes.
+
+    ``trainer = Trainer(model=make_growable(model), ..., processing_class=tokenizer,
+    callbacks=[GrowVocabularyCallback(tokenizer, ["<tool>"], step=500)])``
+
+    At the end of step ``step`` (after the optimizer stepped, never between the micro-batches
+    of gradient accumulation) it calls ``tokenizer.add_tokens(tokens, special_tokens=...)``
+    and ``model.resize_token_embeddings(len(tokenizer), optimizer=...)`` with the Trainer's
+    optimizer, so the new rows start fresh with their own Adam steps and every other row's
+    state is kept. ``tokenizer`` must be the one the data collator tokenizes with, and the
+    Trainer's ``processing_class``, so that checkpoints save it grown. A run resumed from a
+    checkpoint saved after ``step`` has the tokens already (from the checkpoint's tokenizer)
+    and does nothing; one resumed from before it grows at ``step``.
+
+    The Trainer's data loader collates one batch ahead: text tokenized by the collator uses
+    the new tokens from batch ``step + 2`` on (batch ``step + 1`` was tokenized before the
+    grow), while a run resumed from a checkpoint saved at ``step`` itself tokenizes batch
+    ``step + 1`` with them. To resume bit for bit, save checkpoints at other steps than
+    ``step``, or tokenize the data before training.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        tokens,
+        step: int,
+        *,
+        special_tokens: bool = False,
+        mean_resizing: bool = True,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        if not self.tokens:
+            raise ValueError("GrowVocabularyCallback: tokens is empty; give the tokens to add")
+        self.step = checked_int(step, "GrowVocabularyCallback: step", 1)
+        self.special_tokens = special_tokens
+        self.mean_resizing = mean_resizing
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not isinstance(model.get_input_embeddings(), GrowEmbedding):
+            raise TypeError(
+                "GrowVocabularyCallback: the Trainer's model is not growable; pass "
+                "growop.transformers.make_growable(model) to the Trainer"
+            )
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step != self.step:
+            return
+        self.tokenizer.add_tokens(self.tokens, special_tokens=self.special_tokens)
+        model.resize_token_embeddings(
+            len(self.tokenizer),
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            mean_resizing=self.mean_resizing,
+            optimizer=optimizer,
+        )
 
 
 # What a swapped module keeps of the one it replaces: its hooks (the dicts themselves, so
@@ -349,6 +419,55 @@ def _tied_head(head: nn.Linear, embedding: GrowEmbedding, static_shape: bool) ->
     return grow_head
 
 
+def _recorded_capacity(model: PreTrainedModel, vocab: int) -> int:
+    """The capacity recorded in ``model``'s config by :func:`make_growable` (a model rebuilt
+    from a growable checkpoint's config.json), where it holds ``vocab`` tokens; else
+    :func:`growop.default_capacity`. A config resized since by stock code records too few
+    rows, and is ignored."""
+    recorded = getattr(model.config.get_text_config(), CAPACITY_KEY, None)
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= vocab:
+        return recorded
+    return default_capacity(vocab)
+
+
+def _one_module_per_path(model: PreTrainedModel, embedding: GrowEmbedding) -> None:
+    """Gives every further place ``set_input_embeddings`` put ``embedding`` (BART's and T5's
+    ``shared``, ``encoder.embed_tokens`` and ``decoder.embed_tokens``) a module of its own
+    that shares its weight Parameter and rows (``growop.tie``), as the stock model has three
+    modules sharing one weight.
+
+    One module in three places would put its ``active`` buffer in the state dict under
+    three keys of one storage, which ``save_pretrained`` refuses (transformers declares tied
+    keys for the weight only). Each tied module keeps its own copy of the mask, so every key
+    is its own tensor and a checkpoint loads each back exactly.
+    """
+    paths = [name for name, module in model.named_modules(remove_duplicate=False) if module is embedding]
+    for path in paths[1:]:
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, _tied_embedding(embedding))
+
+
+def _tied_embedding(embedding: GrowEmbedding) -> GrowEmbedding:
+    """A module like ``embedding`` (its class, attributes and hooks) whose weight is
+    ``embedding``'s Parameter, joined to its rows. Built without a weight of its own, as
+    :func:`_tied_head` builds a tied head."""
+    weight = embedding.weight
+    tied = skip_init(
+        type(embedding),
+        embedding.num_embeddings,
+        embedding.embedding_dim,
+        embedding.padding_idx,
+        capacity=embedding.capacity,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    tied.max_norm, tied.norm_type = embedding.max_norm, embedding.norm_type
+    tied.scale_grad_by_freq = embedding.scale_grad_by_freq
+    _carry_over(embedding, tied)
+    growop.tie(embedding, tied)
+    return tied
+
+
 def _after_load(model: PreTrainedModel, incompatible_keys) -> None:
     # A function, not a lambda, so the model still pickles.
     _sync_vocab_size(model)
@@ -373,15 +492,36 @@ def _logits_width(model: PreTrainedModel) -> int:
 
 
 def _sync_vocab_size(model: PreTrainedModel) -> None:
-    """``config.vocab_size`` (and ``model.vocab_size``) := the logits' width."""
+    """``config.vocab_size`` and ``model.vocab_size`` := the logits' width (transformers'
+    resize sets both, on every model), and ``config.growop_capacity`` := the capacity while
+    the model is growable (removed once it is plain again)."""
     width = _logits_width(model)
-    model.config.get_text_config().vocab_size = width
-    if hasattr(model, "vocab_size"):
-        model.vocab_size = width
+    text_config = model.config.get_text_config()
+    text_config.vocab_size = width
+    model.vocab_size = width
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, GrowEmbedding):
+        setattr(text_config, CAPACITY_KEY, embedding.capacity)
+    elif hasattr(text_config, CAPACITY_KEY):
+        delattr(text_config, CAPACITY_KEY)
     # Encoder-decoder heads (BART, mBART, Pegasus) add a bias buffer as wide as the logits.
     bias = getattr(model, "final_logits_bias", None)
     if isinstance(bias, torch.Tensor) and bias.shape[-1] != width and hasattr(model, "_resize_final_logits_bias"):
         model._resize_final_logits_bias(width)
+
+
+def _checked_multiple(value) -> int:
+    """``pad_to_multiple_of`` checked as transformers checks it: an ``int`` (a ``bool``
+    counts, as there), else ``ValueError``; and at least 1."""
+    if not isinstance(value, int):
+        # transformers' own message, word for word, so code and tests matching it still do.
+        raise ValueError(
+            f"{_RESIZE}: Asking to pad the embedding matrix to a multiple of `{value}`, which is "
+            "not and integer. Please make sure to pass an integer"
+        )
+    if value < 1:
+        raise ValueError(f"{_RESIZE}: pad_to_multiple_of must be >= 1, got {value}")
+    return int(value)
 
 
 def _draw_normal_(model: PreTrainedModel, embedding: GrowEmbedding, rows: range) -> None:
@@ -392,7 +532,7 @@ def _draw_normal_(model: PreTrainedModel, embedding: GrowEmbedding, rows: range)
     """
     std = float(getattr(model.config.get_text_config(), "initializer_range", 0.02))
     with torch.no_grad():
-        for param in embedding._rows.params():
+        for param in embedding.rows.params:
             if param.dim() != 2:
                 continue
             if distributed.is_sharded(param):  # a DTensor's slice is a copy: blend rows in

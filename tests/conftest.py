@@ -1,5 +1,8 @@
 """What the tests share: dtypes and their tolerances, one comparison helper, masks, the
-``device`` and ``strategy`` fixtures, and the harness that runs a scenario on two processes."""
+``device`` and ``strategy`` fixtures, and the harness that runs a scenario on two processes.
+
+A test file imports what it needs from here (``from conftest import ...``), never from
+another test file."""
 
 from __future__ import annotations
 
@@ -17,13 +20,24 @@ import torch.multiprocessing as mp
 import growop
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16, "f16": torch.float16}
-# (atol, rtol) for a result computed in the dtype against the float64 reference.
+# Tolerances, (atol, rtol) by dtype, each named for the comparison it bounds:
+# a result computed in the dtype against the float64 reference (assert_close(..., dtype, ...));
 TOLERANCES = {
     torch.float64: (1e-12, 1e-12),
     torch.float32: (1e-4, 1e-4),
     torch.bfloat16: (6e-2, 2e-2),
     torch.float16: (1e-2, 1e-2),
 }
+# growop against the reference computed in the same dtype (the module's forward);
+SAME_DTYPE_TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (3e-3, 3e-3),
+}
+# GrowLinear against nn.Linear, both under torch.autocast to the dtype.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
+AUTOCAST_TOLERANCES = {torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=NEEDS_CUDA)]
@@ -47,19 +61,45 @@ def strategy(request):
         yield request.param
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    """`actual` against `expected` within the tolerance of `dtype`; a failure names the first
-    mismatched positions and their values."""
-    atol, rtol = TOLERANCES[dtype]
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    what: str = "tensor",
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> None:
+    """``actual`` against ``expected`` element by element: ``|a - e| <= atol + rtol |e|``, or
+    equal (infinities included; NaN never matches). A failure names the first mismatched
+    positions and their values.
+
+    With ``dtype``, the tolerance is ``TOLERANCES[dtype]``: a result computed in ``dtype``
+    against the float64 reference, whatever the two tensors' dtypes. Without it, ``atol``
+    and ``rtol`` (default 0: equal values) and the two must have the same dtype.
+    """
+    if dtype is not None:
+        if atol is not None or rtol is not None:
+            raise TypeError("assert_close: give dtype (for TOLERANCES[dtype]) or atol/rtol, not both")
+        atol, rtol = TOLERANCES[dtype]
+    else:
+        assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+        atol, rtol = atol or 0.0, rtol or 0.0
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
-    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol)
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    bad = ~torch.isclose(a, e, atol=atol, rtol=rtol)
     if bad.any():
-        where = bad.nonzero()[:5].tolist()
+        positions = bad.nonzero()[:8].tolist()
+        detail = ", ".join(f"{tuple(p)}: {a[tuple(p)].item()!r} vs {e[tuple(p)].item()!r}" for p in positions)
         pytest.fail(
-            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at {where}: "
-            f"got {actual[bad][:5].tolist()}, expected {expected[bad][:5].tolist()}"
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ (atol={atol}, rtol={rtol}); "
+            f"first at {detail}"
         )
+
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor") -> None:
+    """Equal values, shapes and dtypes (``assert_close`` with no tolerance)."""
+    assert_close(actual, expected, what=what)
 
 
 def make_mask(kind: str, capacity: int, generator: torch.Generator) -> torch.Tensor:

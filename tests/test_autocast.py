@@ -13,11 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import AUTOCAST_DTYPES, AUTOCAST_TOLERANCES
 from growop import GrowLinear
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
-# (atol, rtol) of GrowLinear against nn.Linear, both under autocast to the dtype.
-TOLERANCES = {torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
 IN, OUT, CAPACITY, BATCH = 37, 5, 9, 11
 
@@ -52,7 +49,7 @@ def test_like_linear_output_dtype_values_and_float32_grads(dtype):
         out = layer(x)
         expected = linear(x_linear)
     assert out.dtype == expected.dtype == dtype
-    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = AUTOCAST_TOLERANCES[dtype]
     torch.testing.assert_close(out[..., live], expected[..., live], atol=atol, rtol=rtol)
 
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
@@ -140,7 +137,7 @@ def test_cuda_autocast_uses_the_context_dtype(dtype):
     with torch.autocast("cuda", dtype=dtype):
         out, expected = layer(x), linear(x)
     assert out.dtype == expected.dtype == dtype
-    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = AUTOCAST_TOLERANCES[dtype]
     torch.testing.assert_close(out[..., live], expected[..., live], atol=atol, rtol=rtol)
     out.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32

@@ -15,6 +15,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from growop import demo  # noqa: E402
+from growop.demo import digits  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -26,7 +27,7 @@ def _check_outputs(out: Path, stages: int) -> dict:
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["stages"] == stages
     assert results["config"]["torch"] == torch.__version__
-    for method in demo.METHODS:
+    for method in digits.METHODS:
         entry = results[method]
         assert len(entry["stage_acc"]) == stages
         assert all(0.0 <= a <= 1.0 for a in entry["stage_acc"])
@@ -60,7 +61,7 @@ def test_only_the_kept_optimizer_leaves_new_rows_untrained(quick_run):
 def test_same_seed_gives_same_accuracies(quick_run, tmp_path):
     first, _ = quick_run
     again = demo.main(["--quick", "--out", str(tmp_path)])
-    for method in demo.METHODS:
+    for method in digits.METHODS:
         assert again[method]["stage_acc"] == first[method]["stage_acc"], method
 
 
@@ -76,7 +77,7 @@ def test_module_runs_as_a_script(quick_run, tmp_path):
     results = _check_outputs(tmp_path, stages=5)
     # A separate process with the same seed reproduces the in-process run.
     first, _ = quick_run
-    for method in demo.METHODS:
+    for method in digits.METHODS:
         assert results[method]["stage_acc"] == first[method]["stage_acc"], method
 
 
@@ -89,8 +90,8 @@ def test_two_stages(tmp_path):
 
 
 def test_stage_split_is_near_equal():
-    assert demo.stage_classes(3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    assert [len(c) for c in demo.stage_classes(10)] == [1] * 10
+    assert digits.stage_classes(3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [len(c) for c in digits.stage_classes(10)] == [1] * 10
 
 
 def test_rejects_stage_counts_out_of_range(tmp_path):

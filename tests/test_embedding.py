@@ -40,6 +40,18 @@ def test_is_an_nn_embedding_with_capacity_rows():
     assert "capacity=16" in repr(emb)
 
 
+def test_num_embeddings_changes_only_as_rows_grow():
+    emb = make()
+    emb.num_embeddings = V  # the value it has: code copying nn.Embedding's attributes
+    with pytest.raises(AttributeError, match=r"num_embeddings is the number of row slots.*grow\(k\)"):
+        emb.num_embeddings = V + 1
+    assert emb.num_embeddings == emb.rows.used == emb.live_count == V
+    with pytest.raises(IndexError, match="out of range"):
+        emb(ids(V))
+    emb.grow(2)
+    assert emb.num_embeddings == emb.rows.used == V + 2 and emb(ids(V + 1)).shape == (1, D)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -391,7 +403,7 @@ def test_lookup_follows_a_mask_copied_in_by_an_ema_update():
     assert torch.equal(copy_of_it(ids(10, 11)), copy_of_it.weight[[10, 11]])
     with pytest.raises(IndexError, match="id 3 is a deactivated row"):
         copy_of_it(ids(3))
-    assert (copy_of_it.num_embeddings, copy_of_it._live_count) == (12, 11)
+    assert (copy_of_it.num_embeddings, copy_of_it.live_count) == (12, 11)
 
 
 def test_growing_past_capacity_between_lookup_and_backward_is_a_clear_error():

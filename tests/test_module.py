@@ -12,47 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import growop
+from conftest import DTYPES, SAME_DTYPE_TOLERANCES, assert_close, assert_equal
 from growop import GrowLinear
 from growop.reference import masked_linear as reference_masked_linear
 
-DTYPES = {
-    "f32": torch.float32,
-    "f64": torch.float64,
-    "bf16": torch.bfloat16,
-    "f16": torch.float16,
-}
-# (atol, rtol) of growop against the reference computed in the same dtype.
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float64: (1e-12, 1e-12),
-    torch.bfloat16: (3e-2, 3e-2),
-    torch.float16: (3e-3, 3e-3),
-}
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def assert_close(actual, expected, *, atol=0.0, rtol=0.0, what="tensor"):
-    """``torch.testing.assert_close`` that also lists the first mismatching positions."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    a, e = actual.detach().double(), expected.detach().double()
-    bad = ~((a - e).abs() <= atol + rtol * e.abs())
-    bad &= ~((a == e) | (a.isnan() & e.isnan()))
-    if bad.any():
-        positions = bad.nonzero()[:8].tolist()
-        detail = ", ".join(f"{tuple(p)}: {a[tuple(p)].item()!r} vs {e[tuple(p)].item()!r}" for p in positions)
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ "
-            f"(atol={atol}, rtol={rtol}); first at {detail}"
-        )
-
-
-def assert_equal(actual, expected, what="tensor"):
-    assert_close(actual, expected, atol=0.0, rtol=0.0, what=what)
 
 
 def reference(layer: GrowLinear, x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +102,34 @@ def test_no_bias_registers_none():
     assert [name for name, _ in layer.named_parameters()] == ["weight"]
 
 
+def test_counts_are_read_only_and_follow_the_rows():
+    """out_features, live_count and the rows view read the layer's one record of its
+    counts, which only growing and masking change. out_features accepts the value it has
+    (code written for nn.Linear copies it across modules) and refuses any other, having
+    changed nothing."""
+    layer = make_layer(5, 3, capacity=6)
+    layer.grow(2)
+    layer.deactivate([1])
+    rows = layer.rows
+    assert (rows.used, rows.live, rows.capacity) == (layer.out_features, layer.live_count, layer.capacity)
+    assert (layer.out_features, layer.live_count, layer.capacity) == (5, 4, 6)
+    assert len(rows.params) == 2 and rows.params[0] is layer.weight and rows.params[1] is layer.bias
+    assert repr(rows) == "RowSetView(used=5, live=4, capacity=6, layers=1)"
+    for name in ("used", "live", "capacity", "params"):
+        with pytest.raises(AttributeError):
+            setattr(rows, name, 1)
+    layer.out_features = 5
+    with pytest.raises(AttributeError, match=r"out_features is the number of row slots in use \(5\).*grow\(k\)"):
+        layer.out_features = 7
+    with pytest.raises(AttributeError):
+        layer.live_count = 5
+    assert (layer.out_features, layer.live_count) == (5, 4)
+    assert layer(torch.randn(2, 5)).shape == (2, 5)
+    layer.grow(2)  # past capacity
+    assert layer.rows is rows and (rows.used, rows.live, rows.capacity) == (7, 6, layer.capacity)
+    assert rows.params[0] is layer.weight and rows.params[0].shape[0] == layer.capacity > 6
+
+
 def test_meta_device_construction():
     layer = GrowLinear(1000, 300, capacity=400, device="meta")
     assert layer.weight.device.type == "meta"
@@ -153,7 +148,7 @@ def test_float_dtypes(dtype):
     x = torch.randn(4, 13, dtype=dtype)
     out = layer(x)
     assert out.dtype == dtype and out.shape == (4, 5)
-    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = SAME_DTYPE_TOLERANCES[dtype]
     assert_close(out, reference(layer, x), atol=atol, rtol=rtol, what=f"forward {dtype}")
 
 
@@ -230,6 +225,42 @@ def test_static_shape_output_has_capacity_columns():
     assert out.shape == (4, 9), "static_shape must keep the width across grows"
     assert (out[:, 5:7] > -1e3).all()
     assert (out[:, 7:] == torch.finfo(torch.float32).min).all()
+
+
+class OpCalls(TorchFunctionMode):
+    """Records the hints (live_count, live_end) of every growop.masked_linear call; under a
+    torch-function mode the eager binding leaves the call to the op, which the mode sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.hints = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.growop.masked_linear.default:
+            named = dict(zip((a.name for a in func._schema.arguments), args), **(kwargs or {}))
+            self.hints.append((named.get("live_count"), named.get("live_end")))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("static_shape", [True, False], ids=["static", "dynamic"])
+def test_forward_passes_the_live_count_and_the_slots_in_use(static_shape):
+    """In eager mode the forward gives the op both host-side hints: the live count and the
+    slots in use (no row past them is live), with which CUDA runs one GEMM on a prefix of
+    live rows. They follow grows and deactivations; a mask swapped in for one call, which they
+    do not describe, gets neither."""
+    layer = make_layer(13, 5, capacity=9, static_shape=static_shape)
+    x = torch.randn(4, 13)
+    calls = OpCalls()
+    with calls:
+        layer(x)
+        layer.grow(2)
+        layer(x)
+        layer.deactivate([1, 6])
+        layer(x)
+        swapped = torch.ones_like(layer.active)
+        torch.func.functional_call(layer, {"active": swapped}, (x,))
+    assert calls.hints == [(5, 5), (7, 7), (5, 7), (None, None)]
+    assert_close(layer(x), reference(layer, x), atol=1e-5, rtol=1e-5, what="after the changes")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -427,6 +458,17 @@ def test_grow_past_capacity_repeatedly_reallocates_geometrically():
     assert int(layer.active.sum()) == 61
     reallocations = len(set(capacities))
     assert reallocations <= 8, capacities
+
+
+@pytest.mark.parametrize("capacity,needed", [(1, 2), (10, 11), (10, 30), (64, 65)])
+def test_grow_past_capacity_reallocates_by_the_one_growth_rule(capacity, needed):
+    """grow's new capacity is growop.rows.grown_capacity, the rule that
+    resize_token_embeddings (growop.transformers) follows too."""
+    expected = max(growop.default_capacity(needed), math.ceil(capacity * 1.5))
+    assert growop.rows.grown_capacity(capacity, needed) == expected
+    layer = make_layer(5, 1, capacity=capacity)
+    layer.grow(needed - 1)
+    assert (layer.out_features, layer.capacity) == (needed, expected)
 
 
 # Regression: the registry of parameters reallocated without an optimizer once held them in a

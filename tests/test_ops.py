@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from conftest import CAPACITY, DTYPES, NEEDS_CUDA, assert_close, capture_cuda_graph, make_mask
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import growop
 from growop import ops, reference
@@ -66,11 +68,18 @@ def to(device: str, *tensors, requires_grad: bool = False):
     return moved
 
 
-def forward_and_grads(x, weight, bias, active, width, grad_out, mask_value=None, live_count=None):
+def hints_of(active: torch.Tensor, width: int) -> tuple[int, int]:
+    """The exact hints of the first ``width`` rows of ``active``: how many are live, and one
+    past the last live one (the tightest ``live_end``; 0 when none is)."""
+    live = active[:width].nonzero()
+    return live.numel(), int(live[-1]) + 1 if live.numel() else 0
+
+
+def forward_and_grads(x, weight, bias, active, width, grad_out, mask_value=None, live_count=None, live_end=None):
     """The op's output and gradients."""
     leaves = [t for t in (x, weight, bias) if t is not None]
     poison_allocator(x.device.type)
-    out = ops.masked_linear(x, weight, bias, active, width, mask_value, live_count)
+    out = ops.masked_linear(x, weight, bias, active, width, mask_value, live_count, live_end)
     grads = torch.autograd.grad(out, leaves, grad_out)
     return out.detach(), grads
 
@@ -88,8 +97,10 @@ def reference_and_grads(x, weight, bias, active, width, grad_out, mask_value=Non
 
 def check_against_reference(device, dtype, x, weight, bias, active, width, mask_value=None, what=""):
     """Output and gradients on `device` against the reference; dead rows exactly zero. Each
-    call runs twice: without a live count and with the exact one (CUDA's gather then runs
-    cuBLAS on the packed live rows, and dense skips its masking pass when all rows are live)."""
+    call runs three times: without hints, with the exact live count (CUDA's gather then runs
+    cuBLAS on the packed live rows, and dense skips its masking pass when all rows are live),
+    and with live_end too, one past the last live row (CUDA's dense then covers only the rows
+    below it, and a prefix of live rows is one GEMM into the output's first columns)."""
     gen = torch.Generator().manual_seed(11)
     grad_out = torch.randn(*x.shape[:-1], width, generator=gen).to(dtype)
     xd, wd, bd = to(device, x, weight, bias, requires_grad=True)
@@ -97,9 +108,10 @@ def check_against_reference(device, dtype, x, weight, bias, active, width, mask_
     ref, ref_grads = reference_and_grads(xd, wd, bd, ad, width, grad_out, mask_value)
     dead = ~active.cpu()
     fill = mask_value if mask_value is not None else torch.finfo(dtype).min
-    for live_count in (None, int(active[:width].sum())):
-        how = f"{what} (live_count={live_count})"
-        out, grads = forward_and_grads(xd, wd, bd, ad, width, gd, mask_value, live_count)
+    live, end = hints_of(active, width)
+    for live_count, live_end in ((None, None), (live, None), (live, end)):
+        how = f"{what} (live_count={live_count}, live_end={live_end})"
+        out, grads = forward_and_grads(xd, wd, bd, ad, width, gd, mask_value, live_count, live_end)
         assert out.dtype == dtype, how
         assert_close(out, ref, dtype, f"{how} output on {device}")
         for name, got, expected in zip(("input", "weight", "bias"), grads, ref_grads):
@@ -276,6 +288,130 @@ def test_mask_value_and_cross_entropy_stays_finite(device, strategy, dtype):
     assert torch.softmax(default.float(), -1)[:, ~active].max() == 0
 
 
+def odd_byte_mask(active: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`active` as a bool view of bytes whose live entries are anything from 1 to 255, as a
+    view of uint8 data or ``torch.empty(dtype=torch.bool)`` may hold, at a storage offset."""
+    values = torch.randint(1, 256, (int(active.sum()),), generator=generator, dtype=torch.uint8)
+    values[:2] = torch.tensor([2, 255], dtype=torch.uint8)[: values.numel()]
+    raw = torch.zeros(active.numel() + 1, dtype=torch.uint8)
+    raw[1:][active] = values
+    return raw[1:].view(torch.bool)
+
+
+@pytest.mark.parametrize("kind", ["all", "prefix", "random", "dense", "mixed", "sparse"])
+def test_mask_bytes_other_than_0_and_1_are_live(device, strategy, kind):
+    """A bool tensor may hold any byte, and the kernels read a nonzero byte as live, as ATen
+    does: the same outputs and gradients as with the 0/1 mask, bit for bit. (Reading such a
+    byte as a C++ bool is undefined behaviour, which UBSan reports even where the compiler
+    happens to test it for nonzero.)"""
+    gen = torch.Generator().manual_seed(21)
+    capacity = CAPACITY[kind]
+    active = make_mask(kind, capacity, gen)
+    odd = odd_byte_mask(active, gen)
+    assert torch.equal(odd.view(torch.uint8) != 0, active) and odd.view(torch.uint8).max() == 255
+    x = torch.randn(3, 33, generator=gen)
+    weight, bias = torch.randn(capacity, 33, generator=gen), torch.randn(capacity, generator=gen)
+    width = capacity - 3
+    grad_out = to(device, torch.randn(3, width, generator=gen))[0]
+    for live_count in (None, int(active[:width].sum())):
+        results = []
+        for mask in (active, odd):
+            xd, wd, bd = to(device, x, weight, bias, requires_grad=True)
+            mask = mask.to(device)  # a copy keeps the bytes
+            results.append(forward_and_grads(xd, wd, bd, mask, width, grad_out, -3.0, live_count))
+        (out, grads), (odd_out, odd_grads) = results
+        assert torch.equal(odd_out, out), f"{kind} live_count={live_count}"
+        for got, want in zip(odd_grads, grads):
+            assert torch.equal(got, want), f"{kind} live_count={live_count}"
+    if device == "cpu":  # the paths only CUDA takes read the mask through ATen ops
+        live = int(active[:width].sum())
+        for path in ("packed", "dense", "dense_aligned"):
+            want = path_forward_and_grads(path, x, weight, bias, active, width, grad_out, live, -3.0)
+            got = path_forward_and_grads(path, x, weight, bias, odd, width, grad_out, live, -3.0)
+            assert torch.equal(got[0], want[0]), path
+            assert all(torch.equal(g, w) for g, w in zip(got[1], want[1])), path
+
+
+OVERFLOWING_MASK_VALUES = [
+    pytest.param(torch.float32, 1e300, id="f32"),
+    pytest.param(torch.bfloat16, -1e300, id="bf16"),
+    pytest.param(torch.float16, 1e300, id="f16"),
+    pytest.param(torch.float16, -70000.0, id="f16-past-65504"),
+]
+
+
+# The dtypes' names as C++ prints them (at::ScalarType).
+DTYPE_NAMES = {torch.float32: "Float", torch.bfloat16: "BFloat16", torch.float16: "Half"}
+
+
+def overflow_message(value: float, dtype_name: str) -> str:
+    return re.escape(
+        f"growop.masked_linear: mask_value {value:g} cannot be converted to type {dtype_name} without overflow"
+    )
+
+
+@pytest.mark.parametrize("dtype,value", OVERFLOWING_MASK_VALUES)
+def test_a_mask_value_the_dtype_cannot_hold_is_one_error_everywhere(device, strategy, dtype, value):
+    """The value of masked columns must fit the dtype (its finite range, or inf, -inf, NaN).
+    Every strategy, with the live count or without, any mask (all live too) and any sizes (an
+    empty batch too), through the eager binding or the op, raises the same error before any
+    work; none returns inf."""
+    message = overflow_message(value, DTYPE_NAMES[dtype])
+    weight = torch.randn(6, 4, dtype=dtype, device=device)
+    op = torch.ops.growop.masked_linear.default
+    for active in (torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool), torch.ones(6, dtype=torch.bool)):
+        active = active.to(device)
+        live = int(active.sum())
+        for x in (torch.randn(3, 4, dtype=dtype, device=device), torch.randn(0, 4, dtype=dtype, device=device)):
+            for call in (
+                lambda: ops.masked_linear(x, weight, None, active, 6, value),
+                lambda: ops.masked_linear(x, weight, None, active, 6, value, live),
+                lambda: op(x, weight, None, active, 6, value, strategy, None),
+                lambda: op(x, weight, None, active, 6, value, strategy, live),
+            ):
+                with pytest.raises(RuntimeError, match=message):
+                    call()
+
+
+@pytest.mark.parametrize("dtype,value", OVERFLOWING_MASK_VALUES)
+def test_the_fake_kernel_refuses_the_same_mask_values(dtype, value):
+    """The meta device and torch.compile (which traces with the fake kernel) raise the
+    kernels' error, word for word."""
+    message = overflow_message(value, DTYPE_NAMES[dtype])
+    x, weight = torch.randn(3, 4, dtype=dtype), torch.randn(6, 4, dtype=dtype)
+    active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=message):
+        ops.masked_linear(x.to("meta"), weight.to("meta"), None, active.to("meta"), 6, value)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: ops.masked_linear(x, weight, None, active, 6, value), fullgraph=True,
+                             backend="eager")
+    with pytest.raises(Exception, match=message):
+        compiled(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_mask_values_every_dtype_holds_are_allowed(device, strategy, dtype):
+    """inf, -inf and NaN are values of every floating dtype; so are the ends of its finite
+    range and, in float64, 1e300. Eager and compiled calls agree."""
+    active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=device)
+    x = torch.randn(3, 4, dtype=dtype, device=device)
+    weight = torch.randn(6, 4, dtype=dtype, device=device)
+    info = torch.finfo(dtype)
+    values = [float("-inf"), float("inf"), float("nan"), info.min, info.max]
+    values += [1e300] if dtype == torch.float64 else []
+
+    def calls(x):
+        return [ops.masked_linear(x, weight, None, active, 6, value) for value in values]
+
+    eager = calls(x)
+    for value, out in zip(values, eager):
+        dead = out[:, ~active]
+        assert torch.isnan(dead).all() if value != value else torch.all(dead == value), value
+    torch._dynamo.reset()
+    for got, want in zip(torch.compile(calls, fullgraph=True, backend="eager")(x), eager):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
 def test_results_are_not_views_so_in_place_ops_may_follow(device, strategy):
     weight = torch.randn(6, 4, device=device, requires_grad=True)
     active = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool, device=device)
@@ -331,20 +467,40 @@ def test_large_weight_gradient(dtype, kind):
 # ------------------------------------- the paths only CUDA takes, run on the CPU
 
 
-def path_forward_and_grads(path, x, weight, bias, active, width, grad_out, live_count, fill):
-    """One path of the op through the extension module's test bindings, which run it on
-    any device: "packed" (CUDA's gather with a live count, csrc/packed.h) or "dense_aligned"
-    (CUDA's dense, through a padded block where width's rows are not 16-byte aligned).
-    Returns its output and its (input, weight, bias) gradients."""
-    module = ops._module
-    out = module._path_linear(path, x, weight, bias, active, width, live_count, fill)
-    grads = module._path_linear_backward(path, grad_out, x, weight, active, live_count, True, True,
-                                         bias is not None)
+# The extension's test-only bindings (csrc/python/testing.cpp), which run one path of the op
+# on any device.
+paths = ops._module._testing
+
+
+def path_forward_and_grads(path, x, weight, bias, active, width, grad_out, live_count, fill, live_end=None):
+    """One path of the op through the test bindings: "packed" (CUDA's gather with a live
+    count, csrc/packed.h), "dense" (csrc/dense.h with the CPU's row alignment) or
+    "dense_aligned" (CUDA's dense, through a padded block where the GEMM's rows would not be
+    16-byte aligned; with live_count == live_end < width, CUDA's prefix form). Returns its
+    output and its (input, weight, bias) gradients."""
+    out = paths.path_linear(path, x, weight, bias, active, width, live_count, fill, live_end=live_end)
+    grads = paths.path_linear_backward(path, grad_out, x, weight, active, live_count, True, True,
+                                       bias is not None, live_end=live_end)
     return out, grads
 
 
 def packed_forward_and_grads(*args):
     return path_forward_and_grads("packed", *args)
+
+
+def check_path_against_reference(out, grads, x, weight, bias, active, width, grad_out, how):
+    """A path's output and gradients against the reference, with -3.5 in the dead columns."""
+    dtype, has_bias = x.dtype, bias is not None
+    ref, ref_grads = reference_and_grads(x, weight, bias, active, width, grad_out, -3.5)
+    assert out.is_contiguous(), how
+    assert_close(out, ref, dtype, f"{how} output")
+    assert torch.all(out[:, ~active[:width]] == -3.5), how
+    for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
+        assert got.dtype == dtype, how
+        assert_close(got, want, dtype, f"{how} grad {name}")
+    assert torch.all(grads[1][~active] == 0) and torch.all(grads[1][width:] == 0), how
+    if has_bias:
+        assert torch.all(grads[2][~active] == 0) and torch.all(grads[2][width:] == 0), how
 
 
 @pytest.mark.parametrize("path", ["packed", "dense_aligned", "dense"])
@@ -353,9 +509,11 @@ def packed_forward_and_grads(*args):
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
 def test_gpu_paths_match_reference_on_the_cpu(path, dtype, kind, has_bias):
     """The arithmetic of the paths CUDA takes, run on the CPU: gather on packed rows (pack
-    the live rows, GEMM, spread back) and dense through an aligned block. Values and
-    gradients against the reference, dead columns exactly the fill, dead rows' gradients
-    exactly zero, at odd sizes (widths whose rows are not aligned) and every kind of mask."""
+    the live rows, GEMM, spread back) and dense through an aligned block, the latter also
+    bounded by live_end (one past the last live row, and halfway from there to width): the
+    prefix form where the live rows are a prefix. Values and gradients against the reference,
+    dead columns exactly the fill, dead rows' gradients exactly zero, at odd sizes (widths
+    whose rows are not aligned) and every kind of mask."""
     gen = torch.Generator().manual_seed(12)
     capacity, in_features = CAPACITY[kind], 37
     active = make_mask(kind, capacity, gen)
@@ -364,19 +522,13 @@ def test_gpu_paths_match_reference_on_the_cpu(path, dtype, kind, has_bias):
     bias = torch.randn(capacity, generator=gen).to(dtype) if has_bias else None
     for width in (capacity, capacity - 5, 1, 0):
         grad_out = torch.randn(7, width, generator=gen).to(dtype)
-        live = int(active[:width].sum())
-        out, grads = path_forward_and_grads(path, x, weight, bias, active, width, grad_out, live, -3.5)
-        ref, ref_grads = reference_and_grads(x, weight, bias, active, width, grad_out, -3.5)
-        how = f"{path} {kind} width {width}"
-        assert out.is_contiguous(), how
-        assert_close(out, ref, dtype, f"{how} output")
-        assert torch.all(out[:, ~active[:width]] == -3.5), how
-        for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
-            assert got.dtype == dtype, how
-            assert_close(got, want, dtype, f"{how} grad {name}")
-        assert torch.all(grads[1][~active] == 0) and torch.all(grads[1][width:] == 0), how
-        if has_bias:
-            assert torch.all(grads[2][~active] == 0) and torch.all(grads[2][width:] == 0), how
+        live, end = hints_of(active, width)
+        ends = [None] if path == "packed" else [None, end, (end + width) // 2]
+        for live_end in ends:
+            out, grads = path_forward_and_grads(path, x, weight, bias, active, width, grad_out, live, -3.5,
+                                                live_end)
+            how = f"{path} {kind} width {width} live_end {live_end}"
+            check_path_against_reference(out, grads, x, weight, bias, active, width, grad_out, how)
 
 
 def test_packed_rows_never_read_dead_rows_and_fill_whatever_the_input():
@@ -406,20 +558,27 @@ def test_packed_rows_check_the_live_count():
     mask is an error (a device-side assert on CUDA), never a wrong result."""
     active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
     x, weight = torch.randn(2, 4), torch.randn(6, 4)
-    module = ops._module
     for wrong in (3, 5, 0, 6):
         with pytest.raises(RuntimeError, match="live_count is not the number of live rows below width"):
-            module._path_linear("packed", x, weight, None, active, 6, wrong, 0.0)
+            paths.path_linear("packed", x, weight, None, active, 6, wrong, 0.0)
         with pytest.raises(RuntimeError, match="live_count is not the number of live rows below width"):
-            module._path_linear_backward("packed", torch.randn(2, 6), x, weight, active, wrong, True, True, True)
+            paths.path_linear_backward("packed", torch.randn(2, 6), x, weight, active, wrong, True, True, True)
     # the count is of the rows below width only
-    module._path_linear("packed", x, weight, None, active, 4, 3, 0.0)
+    paths.path_linear("packed", x, weight, None, active, 4, 3, 0.0)
     with pytest.raises(ValueError, match="unknown path 'gather'"):
-        module._path_linear("gather", x, weight, None, active, 4, 3, 0.0)
+        paths.path_linear("gather", x, weight, None, active, 4, 3, 0.0)
     with pytest.raises(TypeError, match="expected a tensor, got list"):
-        module._path_linear("packed", [1.0], weight, None, active, 4, 3, 0.0)
+        paths.path_linear("packed", [1.0], weight, None, active, 4, 3, 0.0)
     with pytest.raises(TypeError, match="expected a tensor, got int"):
-        module._path_linear_backward("dense", torch.randn(2, 6), x, 7, active, 4, True, True, True)
+        paths.path_linear_backward("dense", torch.randn(2, 6), x, 7, active, 4, True, True, True)
+
+
+def test_test_bindings_are_apart_from_the_production_module():
+    """The path bindings live in the extension's `_testing` submodule, which says what it is;
+    the module growop calls holds only the op's eager binding."""
+    public = {name for name in dir(ops._module) if not name.startswith("__")}
+    assert public == {"masked_linear", "_testing"}, public
+    assert paths.__doc__.startswith("Test-only") and "not an API" in paths.__doc__
 
 
 def test_packed_rows_are_deterministic():
@@ -439,6 +598,166 @@ def test_packed_rows_are_deterministic():
         torch.use_deterministic_algorithms(saved)
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+# ------------------------------------------------- the prefix form: live_count == live_end
+
+# Widths of 128 columns are 16-byte aligned rows in every dtype; of 123, in none.
+PREFIX_WIDTHS = {"aligned": 128, "unaligned": 123}
+# What the prefix form never runs: a masking pass, a gather, a concatenation.
+MASKING_AND_GATHER_OPS = {"aten::masked_fill", "aten::masked_fill_", "aten::where", "aten::index_select",
+                          "aten::index", "aten::gather", "aten::cat"}
+
+
+def prefix_case(width: int, used: int, dtype: torch.dtype, has_bias: bool, gen: torch.Generator):
+    """A static_shape layer's tensors where the first `used` of `width` rows are live and
+    nothing is deactivated, with NaN in every row at or past `used` (weight and bias) and in
+    grad_output's columns there: whatever reads them shows it."""
+    active = torch.arange(width) < used
+    x = torch.randn(5, 37, generator=gen).to(dtype)
+    weight = (torch.randn(width, 37, generator=gen) / 6).to(dtype)
+    bias = torch.randn(width, generator=gen).to(dtype) if has_bias else None
+    grad_out = torch.randn(5, width, generator=gen).to(dtype)
+    for t in (weight, bias, grad_out.t()):
+        if t is not None:
+            t[used:] = float("nan")
+    return x, weight, bias, active, grad_out
+
+
+@pytest.mark.parametrize("path", ["dense_aligned", "dense"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("layout", PREFIX_WIDTHS)
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
+def test_prefix_form_reads_only_the_live_rows(path, dtype, layout, has_bias):
+    """live_count == live_end < width, as a static_shape layer passes them when nothing is
+    deactivated: CUDA's dense (and the CPU's, with its row alignment) computes the first
+    live_end columns and fills the rest. The rows at or past live_end and grad_output's
+    columns there are never read (their NaN reaches nothing); those columns are exactly the
+    fill and those rows' gradients exactly zero, for every dtype, rows aligned or not (through
+    the padded block), and live_end from 0 to width."""
+    gen = torch.Generator().manual_seed(15)
+    width = PREFIX_WIDTHS[layout]
+    for used in (77, 1, 0, width):
+        x, weight, bias, active, grad_out = prefix_case(width, used, dtype, has_bias, gen)
+        out, grads = path_forward_and_grads(path, x, weight, bias, active, width, grad_out, used, -3.5, used)
+        how = f"{path} {layout} live_end {used}"
+        assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads), how
+        check_path_against_reference(out, grads, x, weight, bias, active, width, grad_out, how)
+
+
+@pytest.mark.parametrize("layout", PREFIX_WIDTHS)
+def test_prefix_form_is_one_gemm_and_a_fill(layout):
+    """What the prefix form runs, as the profiler lists CUDA's dense path's ATen ops: forward,
+    one GEMM straight into the output's first live_end columns (then a fill of the others);
+    backward, two GEMMs and a sum on a strided view of grad_output. No masking pass, no
+    gather, and no copy where the output's rows are 16-byte aligned; where they are not, the
+    GEMM writes a padded block and one copy places it."""
+    gen = torch.Generator().manual_seed(16)
+    width, used = PREFIX_WIDTHS[layout], 77
+    x, weight, _, active, grad_out = prefix_case(width, used, torch.float32, False, gen)
+    copies = 0 if layout == "aligned" else 1
+    with torch.profiler.profile() as forward:
+        paths.path_linear("dense_aligned", x, weight, None, active, width, used, -3.5, live_end=used)
+    with torch.profiler.profile() as backward:
+        paths.path_linear_backward("dense_aligned", grad_out, x, weight, active, used, True, True, True,
+                                   live_end=used)
+    for what, prof, gemms in (("forward", forward, 1), ("backward", backward, 2)):
+        counts = {e.key: e.count for e in prof.key_averages()}
+        assert counts.get("aten::mm") == gemms, (what, counts)
+        assert counts.get("aten::copy_", 0) == copies, (what, counts)
+        assert not MASKING_AND_GATHER_OPS & counts.keys(), (what, counts)
+
+
+def test_a_static_shape_prefix_runs_the_prefix_form_on_every_device(device):
+    """Through the layer: a static_shape layer with nothing deactivated gives CUDA's dense its
+    hints (live count and slots in use), so forward and backward run the prefix form; the
+    CPU's dense ends at the last live row it reads in the mask, the same form. Rows past the
+    slots in use hold NaN, which reaches nothing."""
+    layer = growop.GrowLinear(16, 77, bias=False, capacity=128, static_shape=True, device=device)
+    with torch.no_grad():
+        layer.weight[77:] = float("nan")
+    x = torch.randn(9, 16, device=device, requires_grad=True)
+    grad_out = torch.randn(9, 128, device=device)
+    with growop.strategy("dense"), torch.profiler.profile() as prof:
+        out = layer(x)
+        grads = torch.autograd.grad(out, (x, layer.weight), grad_out)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::mm") == 3, counts
+    assert not MASKING_AND_GATHER_OPS & counts.keys(), counts
+    assert torch.all(out[:, 77:] == torch.finfo(torch.float32).min)
+    torch.testing.assert_close(out[:, :77], x @ layer.weight[:77].t())
+    assert torch.isfinite(grads[0]).all() and torch.all(grads[1][77:] == 0)
+    torch.testing.assert_close(grads[0], grad_out[:, :77] @ layer.weight[:77])
+
+
+# Hints outside their ranges: the same error from every kernel and from the fake (meta) one.
+HINT_RANGE_ERRORS = {
+    "count above width": ({"live_count": 7}, r"live_count must be in \[0, 6\], got 7"),
+    "negative count": ({"live_count": -1}, r"live_count must be in \[0, 6\], got -1"),
+    "end above width": ({"live_end": 7}, r"live_end must be in \[0, 6\], got 7"),
+    "negative end": ({"live_end": -1}, r"live_end must be in \[0, 6\], got -1"),
+    "count above end": ({"live_count": 4, "live_end": 3},
+                        r"live_count 4 exceeds live_end 3: every live row lies below live_end, so at most 3 "
+                        r"are live; pass the exact count and a bound at or past the last live row, or None"),
+}
+
+
+@pytest.mark.parametrize("name", HINT_RANGE_ERRORS)
+def test_hints_out_of_range_are_one_error_on_every_device_and_on_meta(device, strategy, name):
+    hints, message = HINT_RANGE_ERRORS[name]
+    for where in (device, "meta"):
+        active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=where)
+        x, weight, grad_out = (torch.randn(*s, device=where) for s in ((2, 4), (6, 4), (2, 6)))
+        with pytest.raises(RuntimeError, match="growop.masked_linear: " + message):
+            ops.masked_linear(x, weight, None, active, 6, **hints)
+        with pytest.raises(RuntimeError, match="growop.masked_linear_backward: " + message):
+            ops.masked_linear_backward(grad_out, x, weight, active, **hints)
+
+
+def test_the_cpu_refuses_hints_that_do_not_match_the_mask(strategy):
+    """The CPU reads the mask itself and relies on no hint, but refuses a wrong one, naming
+    the values and the fix, under every strategy and through both ops, as CUDA's device
+    refuses it (a device-side assert); hints that hold give the unhinted result."""
+    active = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0], dtype=torch.bool)  # 4 live, the last row 5
+    x, weight, grad_out = torch.randn(2, 4), torch.randn(8, 4), torch.randn(2, 8)
+    count = r"live_count 3 does not match the mask, which has 4 live rows below width 8; pass the exact count, or None"
+    end = (r"live_end 5 does not match the mask, whose row 5 is live; pass at least 6 \(one past the last live "
+           r"row\), or None")
+    wrong = (({"live_count": 3}, count), ({"live_end": 5}, end), ({"live_count": 3, "live_end": 6}, count),
+             ({"live_count": 4, "live_end": 5}, end))
+    for hints, message in wrong:
+        with pytest.raises(RuntimeError, match="growop.masked_linear: " + message):
+            ops.masked_linear(x, weight, None, active, 8, **hints)
+        with pytest.raises(RuntimeError, match="growop.masked_linear_backward: " + message):
+            ops.masked_linear_backward(grad_out, x, weight, active, **hints)
+    plain = ops.masked_linear(x, weight, None, active, 8)
+    plain_grads = ops.masked_linear_backward(grad_out, x, weight, active)
+    for live_end in (6, 7, 8):
+        torch.testing.assert_close(ops.masked_linear(x, weight, None, active, 8, None, 4, live_end), plain)
+        for got, want in zip(ops.masked_linear_backward(grad_out, x, weight, active, live_count=4,
+                                                        live_end=live_end), plain_grads):
+            torch.testing.assert_close(got, want)
+
+
+def test_dense_checks_the_hints_it_relies_on_against_the_mask():
+    """CUDA's dense relies on live_end for the rows it covers and on live_count == live_end
+    for skipping the masking pass; it checks both on the device (here through the bindings,
+    where the device is the CPU: an error; on CUDA, a device-side assert). Never a wrong
+    result."""
+    active = torch.tensor([1, 1, 1, 0, 1, 0], dtype=torch.bool)  # 4 live, the last row 4
+    x, weight, grad_out = torch.randn(2, 4), torch.randn(6, 4), torch.randn(2, 6)
+    tail = "a row at or past live_end, below width, is live"
+    prefix = r"live_count equals live_end \(or width\), but the mask has dead rows below it"
+    for path in ("dense", "dense_aligned"):
+        for live_count, live_end, message in ((4, 4, tail), (4, 3, tail), (5, 5, prefix), (6, None, prefix)):
+            with pytest.raises(RuntimeError, match=message):
+                paths.path_linear(path, x, weight, None, active, 6, live_count, 0.0, live_end=live_end)
+            with pytest.raises(RuntimeError, match=message):
+                paths.path_linear_backward(path, grad_out, x, weight, active, live_count, True, True, True,
+                                           live_end=live_end)
+        for live_end in (5, 6):  # bounds that hold: the rows below them, masked
+            out, grads = path_forward_and_grads(path, x, weight, None, active, 6, grad_out, 4, -3.5, live_end)
+            check_path_against_reference(out, grads, x, weight, None, active, 6, grad_out, f"{path} {live_end}")
 
 
 # -------------------------------------------------------------------- the strategy rule
@@ -484,7 +803,10 @@ def _grad_input_reads_dead_rows(device: str, live_fraction: float, live_count: b
     capacity, in_features, batch = SAVED_WORK_SHAPE[device]
     live = round(capacity * live_fraction)
     active = torch.zeros(capacity, dtype=torch.bool, device=device)
-    active[torch.arange(live, device=device) * (capacity // live)] = True
+    # Spread evenly from the first row to the last: dense ends at the last live row, so the
+    # dead rows it reads lie between live ones.
+    active[torch.linspace(0, capacity - 1, live, device=device).round().long()] = True
+    assert int(active.sum()) == live
     weight = torch.randn(capacity, in_features, device=device)
     weight[~active] = float("nan")
     x = torch.randn(batch, in_features, device=device, requires_grad=True)
@@ -512,9 +834,9 @@ def test_auto_takes_dense_where_most_rows_are_live_and_gather_where_few_are(devi
         small = {"cpu": (12, 64, 8), "cuda": (1200, 1024, 256)}[device]
         capacity, in_features, batch = small
         active = torch.zeros(capacity, dtype=torch.bool, device=device)
-        active[:2] = True
+        active[[0, -1]] = True  # the dead rows between them are below the last live one
         weight = torch.randn(capacity, in_features, device=device)
-        weight[2:] = float("nan")
+        weight[~active] = float("nan")
         x = torch.randn(batch, in_features, device=device, requires_grad=True)
         out = ops.masked_linear(x, weight, None, active, capacity, live_count=2)
         (grad_input,) = torch.autograd.grad(out, x, torch.ones_like(out))
@@ -526,7 +848,7 @@ def test_auto_takes_dense_where_most_rows_are_live_and_gather_where_few_are(devi
 
 @pytest.mark.parametrize("kind", ["prefix", "random", "mixed"])
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("hinted", [False, True], ids=["nocount", "count"])
+@pytest.mark.parametrize("hinted", ["none", "count", "bounds"])
 def test_gradcheck_and_gradgradcheck_float64(device, strategy, kind, has_bias, hinted):
     gen = torch.Generator().manual_seed(3)
     capacity = {"prefix": 9, "random": 70, "mixed": 900}[kind]  # 70: over one 64-row tile
@@ -536,11 +858,14 @@ def test_gradcheck_and_gradgradcheck_float64(device, strategy, kind, has_bias, h
     weight = torch.randn(capacity, in_features, dtype=torch.float64, generator=gen).to(device).requires_grad_()
     bias = torch.randn(capacity, dtype=torch.float64, generator=gen).to(device).requires_grad_() if has_bias else None
     width = capacity - 1
-    live_count = int(active[:width].sum()) if hinted else None
+    # "bounds": live_end too, one past the last live row (for the prefix mask, the prefix form)
+    live, end = hints_of(active.cpu(), width)
+    live_count = live if hinted != "none" else None
+    live_end = end if hinted == "bounds" else None
 
     def fn(x, weight, *bias_arg):
         return ops.masked_linear(x, weight, bias_arg[0] if bias_arg else None, active, width,
-                                 live_count=live_count)
+                                 live_count=live_count, live_end=live_end)
 
     inputs = (x, weight, bias) if has_bias else (x, weight)
     fast = kind != "prefix"
@@ -552,10 +877,48 @@ def test_gradcheck_and_gradgradcheck_float64(device, strategy, kind, has_bias, h
     grad_out = torch.randn(batch, width, dtype=torch.float64, generator=gen).to(device).requires_grad_()
 
     def backward_fn(g, x, weight):
-        return ops.masked_linear_backward(g, x, weight, active, live_count=live_count)
+        return ops.masked_linear_backward(g, x, weight, active, live_count=live_count, live_end=live_end)
 
     assert torch.autograd.gradcheck(backward_fn, (grad_out, x, weight), fast_mode=fast,
                                     check_forward_ad=True)
+
+
+class GrowopCalls(TorchDispatchMode):
+    """Records the hints of every growop op call that reaches the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.hints = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "growop":
+            named = dict(zip((a.name for a in func._schema.arguments), args), **(kwargs or {}))
+            self.hints.append((func.name(), named.get("live_count"), named.get("live_end")))
+        return func(*args, **(kwargs or {}))
+
+
+def test_autograd_passes_the_hints_to_every_call_it_makes(device, strategy):
+    """The backward op, the double backward's calls and the forward-mode tangents all get the
+    forward call's hints: they are about the same mask. Recorded at the dispatcher, below
+    autograd."""
+    gen = torch.Generator().manual_seed(17)
+    active = make_mask("prefix", 9, gen).to(device)
+    live, end = hints_of(active.cpu(), 8)
+    x, weight, bias = (torch.randn(*s, dtype=torch.float64, generator=gen).to(device).requires_grad_()
+                       for s in ((3, 5), (9, 5), (9,)))
+    recorder = GrowopCalls()
+    with recorder:
+        out = ops.masked_linear(x, weight, bias, active, 8, live_count=live, live_end=end)
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        torch.autograd.grad(grad_x.sum(), (x, weight))  # through the backward op's own backward
+        with fwAD.dual_level():
+            dual = ops.masked_linear(fwAD.make_dual(x.detach(), torch.ones_like(x)), weight.detach(), None, active, 8,
+                                     live_count=live, live_end=end)
+            fwAD.unpack_dual(dual)
+    ops_seen = {name for name, *_ in recorder.hints}
+    assert ops_seen == {"growop::masked_linear", "growop::masked_linear_backward"}, recorder.hints
+    assert len(recorder.hints) >= 5, recorder.hints
+    assert all((count, bound) == (live, end) for _, count, bound in recorder.hints), recorder.hints
 
 
 def test_gradient_penalty_matches_nn_linear(device, strategy):
@@ -739,10 +1102,14 @@ def test_opcheck(device, sample):
     torch.library.opcheck(forward, (x, weight, bias, active, width, None, growop.get_strategy(), None))
     torch.library.opcheck(forward, (x, weight, None, active, width, -1.0, "gather", int(active[:width].sum())))
     torch.library.opcheck(forward, (x, weight, bias, active, width, None, "dense", None))
+    live, end = hints_of(active.cpu(), width)
+    for strategy_name in ops.STRATEGIES:
+        torch.library.opcheck(forward, (x, weight, bias, active, width, None, strategy_name, live, end))
     grad_out = torch.randn(*x.shape[:-1], width, dtype=x.dtype, device=device).requires_grad_(differentiable)
     backward = torch.ops.growop.masked_linear_backward.default
     for mask in ([True, True, True], [False, True, False]):
         torch.library.opcheck(backward, (grad_out, x, weight, active, mask, growop.get_strategy(), None))
+        torch.library.opcheck(backward, (grad_out, x, weight, active, mask, growop.get_strategy(), live, end))
 
 
 def test_fake_tensor_shapes_on_meta():
@@ -801,6 +1168,11 @@ def test_eager_binding_matches_the_op_and_leaves_overrides_to_it():
     op = torch.ops.growop.masked_linear.default
     direct = ops._masked_linear_binding(x, weight, bias, active, 28, -2.0, "auto", None)
     torch.testing.assert_close(direct, op(x, weight, bias, active, 28, -2.0, "auto", None))
+    live, end = hints_of(active, 28)
+    hinted = ops._masked_linear_binding(x, weight, bias, active, 28, -2.0, "dense", live, end)
+    torch.testing.assert_close(hinted, op(x, weight, bias, active, 28, -2.0, "dense", live, end))
+    with pytest.raises(RuntimeError, match=f"live_end {end - 1} does not match the mask"):
+        ops._masked_linear_binding(x, weight, bias, active, 28, -2.0, "dense", None, end - 1)
     seen = []
 
     class Spy(torch.Tensor):
@@ -855,6 +1227,7 @@ def bad_calls(device: str):
         "grad_output shape": lambda: ops.masked_linear_backward(t(3, 6), t(2, 4), w, mask),
         "grad_output dtype": lambda: ops.masked_linear_backward(t(2, 6, dtype=torch.float64), t(2, 4), w, mask),
         "backward input": lambda: ops.masked_linear_backward(t(2, 6), t(2, 5), w, mask),
+        "mask_value": lambda: ops.masked_linear(t(2, 4), w, b, mask, 6, 1e300),
     }
 
 
@@ -872,6 +1245,8 @@ EXPECTED_ERRORS = {
     "grad_output shape": r"grad_output of shape \[3, 6\] does not match input of shape \[2, 4\]",
     "grad_output dtype": "grad_output has dtype Double but weight has dtype Float",
     "backward input": r"growop.masked_linear_backward: input of shape \[2, 5\] does not match weight",
+    "mask_value": r"growop.masked_linear: mask_value 1e\+300 cannot be converted to type Float without overflow "
+                  r"\(Float holds \[-3.40282e\+38, 3.40282e\+38\], inf and -inf\)",
 }
 
 
@@ -901,22 +1276,27 @@ def test_cuda_errors_read_as_the_cpu_ones():
 
 
 @NEEDS_CUDA
-@pytest.mark.parametrize("strategy_name,live_count", [("gather", 3), ("gather", 5), ("dense", 6)])
-def test_cuda_checks_the_live_count_on_the_device(strategy_name, live_count):
-    """A live count that does not match the mask (4 live rows of 6) is a device-side assert,
-    never a silent wrong result. It kills the CUDA context, so it runs in a child process."""
+@pytest.mark.parametrize(
+    "strategy_name,live_count,live_end",
+    [("gather", 3, None), ("gather", 5, None), ("dense", 6, None), ("dense", 4, 5), ("auto", 4, 4), ("auto", 3, 3)],
+)
+def test_cuda_checks_the_hints_on_the_device(strategy_name, live_count, live_end):
+    """A live count that does not match the mask (4 live rows of 6), or a live_end with a
+    live row at or past it (the last live row is 5), where it shapes the work, is a
+    device-side assert, never a silent wrong result. It kills the CUDA context, so it runs in
+    a child process."""
     code = f"""
 import torch, growop
 from growop import ops
 active = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device="cuda")
 x, weight = torch.randn(2, 4, device="cuda"), torch.randn(6, 4, device="cuda")
 with growop.strategy("{strategy_name}"):
-    ops.masked_linear(x, weight, None, active, 6, live_count={live_count})
+    ops.masked_linear(x, weight, None, active, 6, live_count={live_count}, live_end={live_end})
 torch.cuda.synchronize()
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
-    assert "live_count" in run.stderr or "device-side assert" in run.stderr, run.stderr[-2000:]
+    assert "live_" in run.stderr or "device-side assert" in run.stderr, run.stderr[-2000:]
     with pytest.raises(RuntimeError, match=r"live_count must be in \[0, 6\], got 7"):
         ops.masked_linear(torch.randn(2, 4, device="cuda"), torch.randn(6, 4, device="cuda"), None,
                           torch.ones(6, dtype=torch.bool, device="cuda"), 6, live_count=7)
@@ -950,10 +1330,10 @@ def test_cuda_graph_replays_follow_the_mask_without_host_syncs(strategy, dtype):
     x = torch.randn(32, in_features, generator=gen).to(dtype).cuda().requires_grad_()
     grad_out = torch.randn(32, capacity, generator=gen).to(dtype).cuda()
     active = make_mask("random", capacity, gen).cuda()
-    live_count = int(active.sum())
+    live_count, live_end = hints_of(active, capacity)  # set aside while the graph is captured
 
     def step():
-        out = ops.masked_linear(x, weight, bias, active, capacity, live_count=live_count)
+        out = ops.masked_linear(x, weight, bias, active, capacity, live_count=live_count, live_end=live_end)
         grads = torch.autograd.grad(out, (x, weight, bias), grad_out)
         return out, *grads
 

@@ -169,7 +169,7 @@ def test_checkpoint_with_layer_row_start_steps_still_loads_strictly():
     state["_extra_state"] = {"out_features": 3, "version": 1}
     fresh = growop.GrowLinear(IN, 1, capacity=8)
     fresh.load_state_dict(state, strict=True)
-    assert fresh.out_features == 3 and fresh._live_count == 4
+    assert fresh.out_features == 3 and fresh.live_count == 4
     assert not hasattr(fresh, "row_start_step")
 
 
@@ -217,7 +217,8 @@ def test_rows_old_enough_stop_costing_anything():
         state["step"] += 40000
     run.mirrors = {}
     run.steps(1)
-    assert "row_start" not in run.optimizer.state[layer.weight]
+    # the start steps are dropped; what remains records the last grow the state has seen
+    assert set(run.optimizer.state[layer.weight].get("row_start", {})) <= {"seen"}
     assert not growop.optim._young_params(run.optimizer)
     assert beta2**40000 < torch.finfo(torch.float64).eps
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
 
 import growop
-from growop.demo_vocab import measure_allocations
+from growop.measure import measure_allocations
 
 
 def heads(capacity=6, out=3, bias=True):
@@ -23,7 +26,7 @@ def assert_in_step(*layers):
         assert layer.out_features == first.out_features
         assert layer.capacity == first.capacity
         assert torch.equal(layer.active, first.active)
-        assert layer._live_count == int(layer.active.sum())
+        assert layer.live_count == int(layer.active.sum())
 
 
 def train_step(optimizer, *layers):
@@ -69,15 +72,13 @@ def test_grow_together_past_capacity_reallocates_every_member():
     train_step(opt, a, b)
 
 
-def test_grow_together_without_optimizer_then_step_raises_for_every_member():
+def test_grow_together_without_optimizer_resizes_the_state_of_every_member():
     a, b = heads(capacity=4)
     growop.grow_together(a, b)
     opt = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
     train_step(opt, b)
-    a.grow(3)
-    with pytest.raises(RuntimeError, match="resize_optimizer_state"):
-        train_step(opt, b)
-    a.resize_optimizer_state(opt)  # b's state, reached through a
+    a.grow(3)  # past capacity, through a: b's state, in the optimizer growop met, follows
+    assert opt.state[b.weight]["momentum_buffer"].shape == b.weight.shape
     train_step(opt, b)
 
 
@@ -110,6 +111,38 @@ def test_grow_together_is_transitive():
     growop.grow_together(c, b)
     c.grow(1)
     assert_in_step(a, b, c)
+
+
+def test_joined_layers_read_one_view_of_their_rows():
+    a, b = heads()
+    assert a.rows is not b.rows
+    growop.grow_together(a, b)
+    assert a.rows is b.rows and repr(a.rows) == "RowSetView(used=3, live=3, capacity=6, layers=2)"
+    assert [id(p) for p in a.rows.params] == [id(p) for p in (a.weight, a.bias, b.weight, b.bias)]
+    b.grow(1)
+    b.deactivate([0])
+    assert (a.rows.used, a.rows.live) == (a.out_features, a.live_count) == (4, 3)
+    source, target = tied_pair()
+    assert source.rows is target.rows
+    assert [id(p) for p in target.rows.params] == [id(source.weight), id(source.bias)]  # the tied weight once
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_of_joined_layers_keep_one_row_set_of_their_own(how):
+    source, target = tied_pair()
+    a, b = heads()
+    growop.grow_together(a, b)
+    model = nn.ModuleList([source, target, a, b])
+    copied = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    new_source, new_target, new_a, new_b = copied
+    assert new_target.weight is new_source.weight and new_source.rows is new_target.rows
+    assert new_a.rows is new_b.rows and new_a.rows is not a.rows
+    new_target.grow(1)
+    new_b.grow(4)  # past capacity: both copies reallocated
+    assert_in_step(new_source, new_target)
+    assert_in_step(new_a, new_b)
+    assert new_a.out_features == 7 and new_a.capacity > 6
+    assert (source.out_features, a.out_features, a.capacity) == (3, 3, 6)  # the originals untouched
 
 
 def tied_pair(capacity=6):
@@ -155,7 +188,7 @@ def test_tie_refuses_mismatched_shapes_and_changes_nothing():
     d = growop.GrowLinear(5, 3, capacity=6)
     with pytest.raises(ValueError, match="slots in use differ"):
         growop.tie(a, d)
-    assert d.weight is not a.weight and d._rows is not a._rows
+    assert d.weight is not a.weight and d.rows is not a.rows
 
 
 @pytest.mark.parametrize("assign", [False, True])

@@ -21,7 +21,7 @@ from transformers import (  # noqa: E402
 )
 
 import growop  # noqa: E402
-from growop.demo_vocab import measure_allocations  # noqa: E402
+from growop.measure import measure_allocations  # noqa: E402
 from growop.transformers import make_growable, to_plain  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -487,3 +487,156 @@ def test_mean_resizing_without_live_tokens_raises_before_reallocating():
     with pytest.raises(ValueError, match="needs at least one live token"):
         model.resize_token_embeddings(60)
     assert embedding.capacity == 52 and embedding.weight is weight and embedding.num_embeddings == 50
+
+
+# ----------------------------------------------------------------------------- transformers' contracts
+
+
+def _t5(vocab: int):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=vocab, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2, dropout_rate=0.0,
+    ))
+
+
+def _gpt_neox(vocab: int):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+    ))
+
+
+def _opt(vocab: int):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(
+        vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=16,
+        word_embed_proj_dim=16, max_position_embeddings=32,
+    ))
+
+
+def _gpt2_base(vocab: int):
+    from transformers import GPT2Model
+
+    return GPT2Model(GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+
+
+def _encoder_decoder_logits(model, x):
+    return model(input_ids=x, decoder_input_ids=x).logits
+
+
+@pytest.mark.parametrize("build", [_bart, _t5], ids=["bart", "t5"])
+def test_encoder_decoder_save_pretrained_round_trips_into_a_growable_model(build, tmp_path):
+    """BART and T5 hold their input embedding at three paths (``shared`` and the encoder's
+    and decoder's ``embed_tokens``): each path gets its own module sharing the one weight,
+    so each mask is its own tensor, save_pretrained writes it, and a growable model rebuilt
+    from the checkpoint's config loads every key back exactly."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    model = make_growable(build(99).eval(), capacity=120)
+    shared = model.get_input_embeddings()
+    paths = [name for name, module in model.named_modules() if isinstance(module, growop.GrowEmbedding)]
+    assert len(paths) == 3
+    modules = [model.get_submodule(path) for path in paths]
+    assert len({id(m) for m in modules}) == 3 and all(m.weight is shared.weight for m in modules)
+    model.resize_token_embeddings(104)
+    shared.deactivate([5])
+    assert all(m.num_embeddings == 104 and not bool(m.active[5]) for m in modules)  # one row set
+    x = torch.tensor([[1, 2, 103, 7]])
+    expected = _encoder_decoder_logits(model, x)
+
+    model.save_pretrained(tmp_path)  # a Trainer checkpoint saves the same way
+    saved = load_file(tmp_path / "model.safetensors")
+    assert {f"{path}.active" for path in paths} <= saved.keys()
+    rebuilt = make_growable(type(model)(AutoConfig.from_pretrained(tmp_path)).eval())
+    assert rebuilt.get_input_embeddings().capacity == 120  # from the config
+    result = rebuilt.load_state_dict(saved, strict=False)  # as the Trainer resumes
+    assert not result.unexpected_keys
+    assert set(result.missing_keys) <= set(rebuilt.all_tied_weights_keys)  # the tied weights only
+    state, want = rebuilt.state_dict(), model.state_dict()
+    assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
+    assert torch.equal(_encoder_decoder_logits(rebuilt, x), expected)
+    for path in paths:
+        with pytest.raises(IndexError, match="id 5 is a deactivated row"):
+            rebuilt.get_submodule(path)(torch.tensor([5]))
+
+    shared.reactivate([5])  # to_plain exports into the stock model
+    expected = _encoder_decoder_logits(model, x)
+    to_plain(model).save_pretrained(tmp_path / "plain")
+    stock = type(model).from_pretrained(tmp_path / "plain").eval()
+    assert type(stock.get_input_embeddings()) is type(build(8).get_input_embeddings())
+    torch.testing.assert_close(_encoder_decoder_logits(stock, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "build", [_gpt2_base, MODELS["gpt2"], _gpt_neox, _opt, _bart, _t5],
+    ids=["gpt2_base", "gpt2", "gpt_neox", "opt", "bart", "t5"],
+)
+def test_model_vocab_size_follows_every_resize_as_in_transformers(build):
+    stock = build(50)
+    stock.resize_token_embeddings(55)
+    model = make_growable(build(50))
+    assert model.vocab_size == model.config.vocab_size == 50
+    model.resize_token_embeddings(55)
+    assert model.vocab_size == model.config.vocab_size == stock.vocab_size == 55
+    model.resize_token_embeddings(60, pad_to_multiple_of=16)
+    assert model.vocab_size == model.config.vocab_size == 60  # the live vocabulary
+    to_plain(model)
+    assert model.vocab_size == model.config.vocab_size == 60
+
+
+def _resize_error(model, kwargs):
+    try:
+        model.resize_token_embeddings(**kwargs)
+    except Exception as error:  # noqa: BLE001 - the point is which exception
+        return error
+    return None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"new_num_tokens": 52, "pad_to_multiple_of": 1.3},
+        {"new_num_tokens": 40, "pad_to_multiple_of": 1.3},  # also a shrink: the padding is checked first
+        {"new_num_tokens": None, "pad_to_multiple_of": "8"},
+        {"new_num_tokens": 52.0},
+        {"new_num_tokens": 52, "pad_to_multiple_of": True},  # an int to transformers: no error
+    ],
+    ids=["float_multiple", "float_multiple_and_shrink", "str_multiple", "float_tokens", "bool_multiple"],
+)
+def test_resize_arguments_are_checked_in_transformers_order_with_its_exception_types(kwargs):
+    stock_error = _resize_error(MODELS["gpt2"](50), kwargs)
+    model = make_growable(MODELS["gpt2"](50))
+    error = _resize_error(model, kwargs)
+    assert type(error) is type(stock_error)
+    if isinstance(stock_error, ValueError):  # transformers' words, which its tests match
+        assert str(stock_error) in str(error)
+    expected_vocab = 50 if error is not None else kwargs["new_num_tokens"]
+    assert model.get_input_embeddings().num_embeddings == model.config.vocab_size == expected_vocab
+
+
+def test_capacity_is_recorded_in_the_config_and_used_by_a_rebuilt_model(tmp_path):
+    from transformers import AutoConfig
+
+    model = make_growable(MODELS["llama_tied"](50), capacity=56)
+    assert model.config.growop_capacity == 56
+    model.resize_token_embeddings(60)  # past capacity: max(default_capacity(60), 1.5 x 56)
+    assert model.config.growop_capacity == model.get_input_embeddings().capacity == 84
+    model.save_pretrained(tmp_path / "growable")
+    config = AutoConfig.from_pretrained(tmp_path / "growable")  # a stock load of the config
+    assert (config.vocab_size, config.growop_capacity) == (60, 84)
+    assert make_growable(LlamaForCausalLM(config)).get_input_embeddings().capacity == 84
+    assert make_growable(LlamaForCausalLM(config), capacity=70).get_input_embeddings().capacity == 70
+    config.vocab_size = 90  # resized since by stock code: the recorded rows are too few
+    assert make_growable(LlamaForCausalLM(config)).get_input_embeddings().capacity == growop.default_capacity(90)
+
+    to_plain(model)
+    assert not hasattr(model.config, "growop_capacity")
+    model.config.growop_capacity = 84  # a stock model whose config carries the key loads as usual
+    model.save_pretrained(tmp_path / "plain")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    assert type(loaded.get_input_embeddings()) is nn.Embedding and loaded.config.growop_capacity == 84

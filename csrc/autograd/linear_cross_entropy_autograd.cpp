@@ -1,6 +1,6 @@
 // Autograd of growop::linear_cross_entropy, written as ATen's generated nodes
-// are (a Node with SavedVariables, set as the loss's grad_fn), as the
-// masked_linear nodes in csrc/growop.cpp are, so torch.func composes with it.
+// are (a Node with SavedVariables, set as the loss's grad_fn; see node.h), as
+// the masked_linear nodes are, so torch.func composes with it.
 //
 // Two ways to the gradients:
 // - 'mean' and 'sum' (the loss is a scalar): the forward computes the
@@ -33,6 +33,7 @@
 #include <utility>
 
 #include "../ops/linear_cross_entropy.h"
+#include "node.h"
 
 namespace growop {
 namespace {
@@ -43,22 +44,7 @@ using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// torch::autograd::Node is held by c10::intrusive_ptr in newer torch (2.13) and by
-// std::shared_ptr in older (2.11): follow whatever Edge::function is. (The same
-// helper as csrc/growop.cpp's, with constructor arguments.)
-using NodePtr = decltype(torch::autograd::Edge::function);
-constexpr bool kSharedNodes = std::is_same_v<NodePtr, std::shared_ptr<Node>>;
-template <class T>
-using NodeHandle =
-    std::conditional_t<kSharedNodes, std::shared_ptr<T>, c10::intrusive_ptr<T>>;
-template <class T, class... Args>
-NodeHandle<T> make_node(Args&&... args) {
-  if constexpr (kSharedNodes) {
-    return std::make_shared<T>(std::forward<Args>(args)...);
-  } else {
-    return c10::make_intrusive<T>(std::forward<Args>(args)...);
-  }
-}
+using autograd::make_node;
 
 constexpr const char* kSecondOrder =
     "growop.linear_cross_entropy: second derivatives are not implemented (its gradients "

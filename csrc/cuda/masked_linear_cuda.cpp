@@ -4,18 +4,24 @@
 // user error reads the same on every device.
 //
 // Each call takes the dense strategy (csrc/dense.h: cuBLAS GEMMs over the
-// first `width` rows, dead columns masked on the device) or gather, by the
-// rule of csrc/strategy.h. The host never reads the mask: `auto` decides from
-// the caller's live count, and without one takes dense. Gather with a live
-// count from the host runs cuBLAS on the packed live rows (csrc/packed.h, ATen
-// ops only, so any GPU that runs torch runs it); without one, the live-row
+// rows below width that may be live, dead columns among them masked on the
+// device) or gather, by the rule of csrc/strategy.h. The host never reads the
+// mask: `auto` decides from the caller's hints, and without a live count
+// takes dense. With live_end (the rows at or past it, below width, are dead)
+// dense covers only the rows below it and fills the other columns once; with
+// live_count equal to live_end as well (a prefix: what GrowLinear passes with
+// static_shape when nothing is deactivated) it is one cuBLAS GEMM straight
+// into the output's first columns, no masking pass. Gather with a live count
+// from the host runs cuBLAS on the packed live rows (csrc/packed.h, ATen ops
+// only, so any GPU that runs torch runs it); without one, the live-row
 // kernels of masked_linear_kernel.cu, which compact the live rows into a list
 // on the device and read it there.
-// Nothing waits for the GPU. Under CUDA-graph capture the live count is set
-// aside (its shapes would be baked into the graph), so every captured path
-// follows in-place changes of `active` on replay. Where the live count shapes
-// the work (packed rows, or no masking when every row is live), the device
-// checks it against the mask and fails with a device-side assert.
+// Nothing waits for the GPU. Under CUDA-graph capture the hints are set aside
+// (their shapes would be baked into the graph), so every captured path
+// follows in-place changes of `active` on replay. Where a hint shapes the
+// work (packed rows, the rows dense covers, no masking when every one is
+// live), the device checks it against the mask and fails with a device-side
+// assert.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -35,6 +41,7 @@
 
 #include "../checks.h"
 #include "../dense.h"
+#include "../mask.h"
 #include "../packed.h"
 #include "../strategy.h"
 #include "masked_linear_kernel.cuh"
@@ -116,14 +123,15 @@ int64_t row_stride(const at::Tensor& m) {
   return m.size(0) > 1 ? m.stride(0) : m.size(1);
 }
 
-// How a call runs: its path, and the live count it may rely on. While
-// `stream` captures a CUDA graph the caller's count is set aside (a replay
-// must follow the mask as it is then, not the count at capture), so gather
-// would run the live-row kernels, and auto weighs those against dense with
-// their own crossover.
+// How a call runs: its path, and the hints it may rely on. While `stream`
+// captures a CUDA graph the caller's hints are set aside (a replay must
+// follow the mask as it is then, not the counts at capture), so gather would
+// run the live-row kernels, and auto weighs those against dense with their
+// own crossover.
 struct Plan {
   Path path;
-  std::optional<int64_t> known;
+  std::optional<int64_t> live_count;
+  std::optional<int64_t> live_end;
 };
 
 Plan plan_call(
@@ -131,38 +139,21 @@ Plan plan_call(
     std::string_view strategy,
     int64_t width,
     std::optional<int64_t> live_count,
+    std::optional<int64_t> live_end,
     int64_t row_work,
     cudaStream_t stream) {
-  TORCH_CHECK(
-      !live_count.has_value() || (*live_count >= 0 && *live_count <= width),
-      op, ": live_count must be in [0, ", width, "], got ", *live_count);
+  checks::check_hints(op, width, live_count, live_end);
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  const bool capturing = status != cudaStreamCaptureStatusNone;
-  const Path path = choose_path(
-      op, strategy, c10::DeviceType::CUDA, width, live_count, row_work,
-      capturing ? kCudaKernelsCrossover : kCudaCrossover);
-  return {path, capturing ? std::nullopt : live_count};
-}
-
-// Whether every row below `width` is live by the caller's count, which the
-// device then checks: dense needs no masking pass.
-bool all_live(
-    const at::Tensor& mask,
-    int64_t width,
-    std::optional<int64_t> live_count) {
-  if (!live_count.has_value() || *live_count != width) {
-    return false;
+  if (status != cudaStreamCaptureStatusNone) {
+    const Path path = choose_path(
+        op, strategy, c10::DeviceType::CUDA, width, std::nullopt, row_work,
+        kCudaKernelsCrossover);
+    return {path, std::nullopt, std::nullopt};
   }
-  // A literal message: nothing is formatted on the success path.
-  at::_assert_async(
-      dense::leading_rows(mask, width).all(),
-      "growop: live_count equals width, but the mask has dead rows below width");
-  return true;
-}
-
-const uint8_t* mask_bytes(const at::Tensor& active) {
-  return reinterpret_cast<const uint8_t*>(active.const_data_ptr<bool>());
+  const Path path = choose_path(
+      op, strategy, c10::DeviceType::CUDA, live_end.value_or(width), live_count, row_work);
+  return {path, live_count, live_end};
 }
 
 // The preparation every kernel launch shares (as flash-attention's
@@ -210,10 +201,12 @@ at::Tensor masked_linear_cuda(
     int64_t width,
     std::optional<double> mask_value,
     std::string_view strategy,
-    std::optional<int64_t> live_count) {
+    std::optional<int64_t> live_count,
+    std::optional<int64_t> live_end) {
   constexpr const char* op = "growop.masked_linear";
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
-  checks::check_forward(op, input, weight, has_bias ? &*bias_opt : nullptr, active, width);
+  checks::check_forward(
+      op, input, weight, has_bias ? &*bias_opt : nullptr, active, width, mask_value);
   const int64_t in_features = weight.size(1);
   const c10::cuda::CUDAGuard guard(weight.device());
 
@@ -221,8 +214,8 @@ at::Tensor masked_linear_cuda(
   const at::Tensor mask = active.contiguous();
   const int64_t batch = x.size(0);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto [path, known] =
-      plan_call(op, strategy, width, live_count, batch * in_features, stream);
+  const Plan plan =
+      plan_call(op, strategy, width, live_count, live_end, batch * in_features, stream);
   // Allocated in its final shape: an operator must not return a view.
   at::Tensor result = at::empty(checks::with_last_dim(input.sizes(), width), x.options());
   if (batch == 0 || width == 0) {
@@ -231,14 +224,15 @@ at::Tensor masked_linear_cuda(
   at::Tensor out = result.view({batch, width});
   const double fill = dense::fill_value(weight.scalar_type(), mask_value);
   const at::Tensor bias = has_bias ? bias_opt->contiguous() : at::Tensor();
-  if (path == Path::kDense) {
-    const bool mask_dead = !all_live(mask, width, known);
-    dense::forward(x, weight, bias, mask, fill, mask_dead, /*align_rows=*/true, out);
+  if (plan.path == Path::kDense) {
+    const dense::Rows rows = dense::hinted_rows(mask, width, plan.live_count, plan.live_end);
+    dense::forward(
+        x, weight, bias, mask, rows.count, fill, !rows.all_live, /*align_rows=*/true, out);
     return result;
   }
 
-  if (known.has_value()) {
-    packed::forward(x, weight, bias, packed::layout(mask, width, *known), fill, out);
+  if (plan.live_count.has_value()) {
+    packed::forward(x, weight, bias, packed::layout(mask, width, *plan.live_count), fill, out);
     return result;
   }
   const at::Tensor w = as_rows(weight, in_features);
@@ -265,7 +259,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
     const at::Tensor& active,
     std::array<bool, 3> output_mask,
     std::string_view strategy,
-    std::optional<int64_t> live_count) {
+    std::optional<int64_t> live_count,
+    std::optional<int64_t> live_end) {
   constexpr const char* op = "growop.masked_linear_backward";
   const int64_t width = checks::check_backward(op, grad_output, input, weight, active);
   const int64_t in_features = weight.size(1);
@@ -276,21 +271,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
   const at::Tensor mask = active.contiguous();
   const int64_t batch = x.size(0);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto [path, known] =
-      plan_call(op, strategy, width, live_count, batch * in_features, stream);
+  const Plan plan =
+      plan_call(op, strategy, width, live_count, live_end, batch * in_features, stream);
   auto [grad_input, grad_weight, grad_bias] =
       dense::backward_outputs(input, weight, output_mask);
   at::Tensor gi = output_mask[0] ? grad_input.view({batch, in_features}) : at::Tensor();
   at::Tensor gw = output_mask[1] ? grad_weight : at::Tensor();
   at::Tensor gb = output_mask[2] ? grad_bias : at::Tensor();
-  if (path == Path::kDense) {
-    const bool mask_dead = !all_live(mask, width, known);
-    dense::backward(g, x, weight, mask, mask_dead, /*align_rows=*/true, gi, gw, gb);
+  if (plan.path == Path::kDense) {
+    const dense::Rows rows = dense::hinted_rows(mask, width, plan.live_count, plan.live_end);
+    dense::backward(
+        g, x, weight, mask, rows.count, !rows.all_live, /*align_rows=*/true, gi, gw, gb);
     return {grad_input, grad_weight, grad_bias};
   }
 
-  if (known.has_value()) {
-    packed::backward(g, x, weight, packed::layout(mask, width, *known), gi, gw, gb);
+  if (plan.live_count.has_value()) {
+    packed::backward(
+        g, x, weight, packed::layout(mask, width, *plan.live_count), gi, gw, gb);
     return {grad_input, grad_weight, grad_bias};
   }
   const at::Tensor w = as_rows(weight, in_features);

@@ -18,7 +18,7 @@ enum class DType : int32_t { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
 // live_rows[0 : *num_live) = the j < width with active[j], ascending.
 struct LiveRowsParams {
-  const uint8_t* active;  // (capacity,) bool
+  const uint8_t* active;  // (capacity,) bool bytes: live where nonzero
   int32_t width;
   int32_t* live_rows;  // (width,) written
   int32_t* num_live;   // (1,) written
@@ -29,7 +29,7 @@ struct LiveRowsParams {
 struct MaskedLinearParams {
   DType dtype;
   bool allow_tf32;  // float32 on tensor cores in TF32
-  const uint8_t* active;  // (capacity,) bool
+  const uint8_t* active;  // (capacity,) bool bytes: live where nonzero
   const int32_t* live_rows;  // from launch_live_rows
   const int32_t* num_live;
   int32_t batch;

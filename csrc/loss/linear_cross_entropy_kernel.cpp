@@ -522,7 +522,7 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype) {
 void check_arguments(const Arguments& a) {
   const bool has_bias = a.bias.has_value() && a.bias->defined();
   checks::check_forward(
-      kOp, a.input, a.weight, has_bias ? &*a.bias : nullptr, a.active, a.width);
+      kOp, a.input, a.weight, has_bias ? &*a.bias : nullptr, a.active, a.width, std::nullopt);
   TORCH_CHECK(
       a.target.device() == a.weight.device(),
       kOp, ": target is on ", a.target.device(), " but weight is on ", a.weight.device());

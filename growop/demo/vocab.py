@@ -1,7 +1,7 @@
 """Vocabulary growth mid-training: growop in place against Hugging Face's resize.
 
 Run ``python -m growop.demo --task vocab`` (``--help`` for the options). A tiny Llama
-built from a config (nothing downloaded) learns local text (``growop/data/vocab_corpus.txt``)
+built from a config (nothing downloaded) learns local text (``data/vocab_corpus.txt`` here)
 with a byte-level BPE tokenizer trained here with ``tokenizers``. Midway, twelve words of a
 new topic become tokens (``tokenizer.add_tokens``) and training goes on over text that uses
 them. Three ways to add the tokens start from the same weights and see the same batches:
@@ -14,8 +14,8 @@ them. Three ways to add the tokens start from the same weights and see the same 
 - ``hf_old_optimizer``: the same resize, keeping the optimizer: its next ``step()`` fails
   (state sized for the old vocabulary); the error is reported, not raised.
 
-For each: the time and bytes allocated by the grow (torch's CPU memory profiler), and the
-loss on held-out text that uses the new tokens over the steps after the grow. Writes
+For each: the time and bytes allocated by the grow (:func:`growop.measure.measure_allocations`,
+torch's CPU memory profiler), and the loss on held-out text that uses the new tokens over the steps after the grow. Writes
 ``results.json`` and ``vocab_loss.png`` to ``--out``. Needs ``pip install "growop[hf,demo]"``.
 """
 
@@ -23,18 +23,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
-import platform
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import growop
+from growop.demo.common import (
+    add_common_options,
+    describe_run,
+    new_figure,
+    one_thread,
+    require,
+    save_figure,
+    write_results,
+)
+from growop.measure import format_bytes, measure_allocations
 
 METHODS = ("growop", "hf_new_optimizer", "hf_old_optimizer")
 NEW_WORDS = (
@@ -50,19 +55,7 @@ STEPS_BEFORE, STEPS_AFTER, EVAL_EVERY = 150, 150, 10
 QUICK_STEPS_BEFORE, QUICK_STEPS_AFTER, QUICK_EVAL_EVERY = 6, 6, 3
 EVAL_FRACTION = 0.2  # of the new topic's lines, held out
 DEFAULT_OUT = "growop-demo-vocab"
-_INSTALL_HINT = 'pip install "growop[hf,demo]"'
-
-
-def _require_hf():
-    try:
-        import tokenizers  # noqa: F401
-        import transformers
-    except ImportError:
-        raise SystemExit(
-            f"growop.demo --task vocab needs transformers and tokenizers: {_INSTALL_HINT}"
-        ) from None
-    transformers.logging.set_verbosity_error()
-    return transformers
+EXTRAS = "demo,hf"
 
 
 # ---------------------------------------------------------------------------- data
@@ -142,30 +135,7 @@ def build_model(vocab: int):
     return LlamaForCausalLM(config)
 
 
-# ---------------------------------------------------------------------------- measuring
-
-
-def measure_allocations(fn: Callable[[], Any]) -> tuple[float, int, int]:
-    """Runs ``fn`` once under torch's CPU memory profiler: (seconds, bytes allocated, peak).
-
-    ``bytes allocated`` sums every allocation made by torch during the call; ``peak`` is
-    the highest net amount (allocations minus frees) reached. Each event's own memory is
-    counted (an op's total includes the ops it calls), in the order the events started.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        start = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - start
-    total = peak = current = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        change = event.self_cpu_memory_usage
-        if change > 0:
-            total += change
-        current += change
-        peak = max(peak, current)
-    return seconds, total, peak
+# ---------------------------------------------------------------------------- training
 
 
 @torch.no_grad()
@@ -250,14 +220,6 @@ def run_method(
 # ---------------------------------------------------------------------------- report
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
         f"{'method':18} {'grow time':>11} {'allocated':>11} {'peak':>11} "
@@ -267,8 +229,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     for method, r in results.items():
         final = "failed" if r["error"] else f"{r['final_new_text_loss']:.3f}"
         lines.append(
-            f"{method:18} {1e3 * r['grow_seconds']:>8.3f} ms {_bytes(r['grow_bytes_allocated']):>11} "
-            f"{_bytes(r['grow_peak_bytes']):>11} {r['new_text_loss'][0]:>23.3f} {final:>7}"
+            f"{method:18} {1e3 * r['grow_seconds']:>8.3f} ms {format_bytes(r['grow_bytes_allocated']):>11} "
+            f"{format_bytes(r['grow_peak_bytes']):>11} {r['new_text_loss'][0]:>23.3f} {final:>7}"
         )
     for method, r in results.items():
         if r["error"]:
@@ -277,17 +239,12 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path, note: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     styles = {
         "growop": dict(marker="o", linestyle="-", color="tab:blue"),
         "hf_new_optimizer": dict(marker="^", linestyle="-.", color="tab:green"),
         "hf_old_optimizer": dict(marker="s", linestyle="--", color="tab:red"),
     }
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = new_figure(EXTRAS)
     for method, r in results.items():
         label = method if r["error"] is None else f"{method} (optimizer.step() failed)"
         ax.plot(r["eval_steps"], r["new_text_loss"], label=label, linewidth=2, **styles.get(method, {}))
@@ -296,9 +253,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path, note: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.set_title(f"Adding {len(NEW_WORDS)} tokens to a tiny Llama mid-training\n{note}", fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -309,12 +264,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m growop.demo --task vocab",
         description="Adding tokens to a tiny Llama mid-training: growop in place vs transformers' resize.",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
-    parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"output folder (default ./{DEFAULT_OUT})")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"smoke mode: {QUICK_STEPS_BEFORE}+{QUICK_STEPS_AFTER} steps instead of {STEPS_BEFORE}+{STEPS_AFTER}",
+    add_common_options(
+        parser,
+        default_out=DEFAULT_OUT,
+        quick=f"{QUICK_STEPS_BEFORE}+{QUICK_STEPS_AFTER} steps instead of {STEPS_BEFORE}+{STEPS_AFTER}",
     )
     return parser.parse_args(argv)
 
@@ -322,8 +275,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the vocabulary task; returns what it writes to ``results.json``."""
     args = parse_args(argv)
-    transformers = _require_hf()
-    from growop.demo import _device_name
+    require("matplotlib", "matplotlib", EXTRAS)
+    require("tokenizers", "tokenizers", EXTRAS)
+    transformers = require("transformers", "transformers", EXTRAS)
+    transformers.logging.set_verbosity_error()
 
     steps_before = QUICK_STEPS_BEFORE if args.quick else STEPS_BEFORE
     steps_after = QUICK_STEPS_AFTER if args.quick else STEPS_AFTER
@@ -340,17 +295,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     initial_model = build_model(len(tokenizer))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: more threads only add overhead on a busy machine
     results: dict[str, dict[str, Any]] = {}
-    try:
+    with one_thread():
         for method in METHODS:
             print(f"{method} ...", file=sys.stderr, flush=True)
             results[method] = run_method(
                 method, initial_model, tokenizer, data, steps_before, steps_after, eval_every, args.seed
             )
-    finally:
-        torch.set_num_threads(threads)
 
     print()
     print(format_table(results))
@@ -365,18 +316,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "model": "Llama, 2 layers, hidden 64, tied embeddings",
         "vocab_before": len(tokenizer),
         "new_tokens": list(NEW_WORDS),
-        "device_name": _device_name(torch.device("cpu")),
-        "torch_threads": 1,
-        "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "growop": growop.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
+        **describe_run(torch.device("cpu")),
     }
     output: dict[str, Any] = dict(results)
     output["config"] = config
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(output, indent=2) + "\n")
+    write_results(args.out, output)
     note = f"{steps_before} steps before, {steps_after} after; batch {BATCH_SIZE}x{SEQUENCE}; seed {args.seed}"
     plot(results, args.out / "vocab_loss.png", note)
     print(f"\nWrote {args.out / 'results.json'} and {args.out / 'vocab_loss.png'}")

@@ -2,7 +2,10 @@
 //
 // Each call counts the live rows in the mask (host memory: no sync to avoid)
 // and takes the dense strategy (../dense.h) or the gather kernels below by the
-// rule of ../strategy.h.
+// rule of ../strategy.h. Dense ends at the last live row, so a prefix of live
+// rows is one GEMM on them, as it is one run of the gather kernels. The
+// caller's hints (live_count, live_end) are checked against the mask, never
+// relied on.
 //
 // The gather kernels cover the live rows in two ways, decided per call from
 // the mask (see LivePlan): long runs of consecutive live rows are multiplied in
@@ -17,6 +20,7 @@
 
 #include "../checks.h"
 #include "../dense.h"
+#include "../mask.h"
 #include "../strategy.h"
 
 #include <algorithm>
@@ -84,17 +88,17 @@ LivePlan plan_live_rows(
     int64_t width,
     int64_t chunk,
     int64_t min_run = kMinDirectRun) {
-  const bool* live = active.data_ptr<bool>();
+  const uint8_t* live = mask_bytes(active);
   LivePlan plan;
   plan.chunk = chunk;
   int64_t j = 0;
   while (j < width) {
-    if (!live[j]) {
+    if (live[j] == 0) {
       ++j;
       continue;
     }
     int64_t end = j;
-    while (end < width && live[end]) {
+    while (end < width && live[end] != 0) {
       ++end;
     }
     if (end - j >= min_run) {
@@ -193,10 +197,40 @@ void gather_columns(
   });
 }
 
-// The number of live rows among the first `width`.
-int64_t count_live(const at::Tensor& live_mask, int64_t width) {
-  const bool* live = live_mask.const_data_ptr<bool>();
-  return std::count(live, live + width, true);
+// The live rows among the first `width` of a mask: how many, and one past
+// the last of them (0 if there is none).
+struct LiveRows {
+  int64_t count = 0;
+  int64_t end = 0;
+};
+
+LiveRows live_rows(const at::Tensor& live_mask, int64_t width) {
+  const uint8_t* live = mask_bytes(live_mask);
+  int64_t end = width;
+  while (end > 0 && live[end - 1] == 0) {
+    --end;
+  }
+  return {std::count_if(live, live + end, [](uint8_t byte) { return byte != 0; }), end};
+}
+
+// The caller's hints against the mask. The CPU reads the mask itself and
+// relies on neither, but refuses a wrong one as CUDA's device would, so that
+// it shows here first, with the values.
+void check_hints_match_mask(
+    const char* op,
+    int64_t width,
+    const LiveRows& live,
+    std::optional<int64_t> live_count,
+    std::optional<int64_t> live_end) {
+  checks::check_hints(op, width, live_count, live_end);
+  TORCH_CHECK(
+      !live_count.has_value() || *live_count == live.count,
+      op, ": live_count ", *live_count, " does not match the mask, which has ", live.count,
+      " live rows below width ", width, "; pass the exact count, or None");
+  TORCH_CHECK(
+      !live_end.has_value() || *live_end >= live.end,
+      op, ": live_end ", *live_end, " does not match the mask, whose row ", live.end - 1,
+      " is live; pass at least ", live.end, " (one past the last live row), or None");
 }
 
 // out (batch, width) from the runs and gathered chunks of `plan`.
@@ -220,11 +254,11 @@ void gather_forward(
         // Every row of out starts as: bias (or 0) on live columns, which the
         // GEMMs below accumulate onto, and the fill value on the rest.
         const auto fill = static_cast<scalar_t>(fill_value);
-        const bool* live = live_mask.const_data_ptr<bool>();
+        const uint8_t* live = mask_bytes(live_mask);
         const scalar_t* b = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
         scalar_t* o = out.data_ptr<scalar_t>();
         for (int64_t j = 0; j < width; ++j) {
-          o[j] = live[j] ? (b ? b[j] : scalar_t(0)) : fill;
+          o[j] = live[j] != 0 ? (b ? b[j] : scalar_t(0)) : fill;
         }
         at::parallel_for(1, batch, 64, [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
@@ -341,12 +375,12 @@ at::Tensor gather_backward_weight(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "masked_linear_backward_weight_cpu", [&] {
         scalar_t* gw = grad_weight.data_ptr<scalar_t>();
-        const bool* live = live_mask.const_data_ptr<bool>();
+        const uint8_t* live = mask_bytes(live_mask);
         // Rows that are not live get exact zeros.
         const auto zero_dead_rows = [&](int64_t begin, int64_t end) {
           at::parallel_for(begin, end, 64, [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r) {
-              if (r >= width || !live[r]) {
+              if (r >= width || live[r] == 0) {
                 std::memset(gw + r * in_features, 0, in_features * sizeof(scalar_t));
               }
             }
@@ -423,17 +457,19 @@ at::Tensor masked_linear_cpu(
     int64_t width,
     std::optional<double> mask_value,
     std::string_view strategy,
-    std::optional<int64_t> /*live_count: the CPU counts the mask itself*/) {
+    std::optional<int64_t> live_count,
+    std::optional<int64_t> live_end) {
   constexpr const char* op = "growop.masked_linear";
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   checks::check_forward(
-      op, input, weight, has_bias ? &*bias_opt : nullptr, active, width);
+      op, input, weight, has_bias ? &*bias_opt : nullptr, active, width, mask_value);
   const at::Tensor live_mask = active.contiguous();
-  const int64_t num_live = count_live(live_mask, width);
+  const LiveRows live = live_rows(live_mask, width);
+  check_hints_match_mask(op, width, live, live_count, live_end);
   const at::Tensor x = as_matrix(input);
   const int64_t batch = x.size(0);
   const Path path = choose_path(
-      op, strategy, c10::DeviceType::CPU, width, num_live, batch * weight.size(1));
+      op, strategy, c10::DeviceType::CPU, width, live.count, batch * weight.size(1));
 
   // The result is allocated in its final shape and written through a 2-D view:
   // an operator must not return a view of a tensor it made.
@@ -445,7 +481,9 @@ at::Tensor masked_linear_cpu(
   const double fill = dense::fill_value(weight.scalar_type(), mask_value);
   const at::Tensor bias = has_bias ? *bias_opt : at::Tensor();
   if (path == Path::kDense) {
-    dense::forward(x, weight, bias, live_mask, fill, num_live < width, /*align_rows=*/false, out);
+    dense::forward(
+        x, weight, bias, live_mask, live.end, fill, live.count < live.end, /*align_rows=*/false,
+        out);
   } else {
     gather_forward(x.contiguous(), weight.contiguous(), has_bias ? bias.contiguous() : bias,
                    live_mask, fill, out);
@@ -460,23 +498,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
     const at::Tensor& active,
     std::array<bool, 3> output_mask,
     std::string_view strategy,
-    std::optional<int64_t> /*live_count: the CPU counts the mask itself*/) {
+    std::optional<int64_t> live_count,
+    std::optional<int64_t> live_end) {
   constexpr const char* op = "growop.masked_linear_backward";
   const int64_t width = checks::check_backward(op, grad_output, input, weight, active);
   const int64_t capacity = weight.size(0);
   const at::Tensor live_mask = active.contiguous();
-  const int64_t num_live = count_live(live_mask, width);
+  const LiveRows live = live_rows(live_mask, width);
+  check_hints_match_mask(op, width, live, live_count, live_end);
   const at::Tensor g = as_matrix(grad_output);
   const at::Tensor x = as_matrix(input);
   const Path path = choose_path(
-      op, strategy, c10::DeviceType::CPU, width, num_live, x.size(0) * weight.size(1));
+      op, strategy, c10::DeviceType::CPU, width, live.count, x.size(0) * weight.size(1));
   if (path == Path::kDense) {
     auto [grad_input, grad_weight, grad_bias] =
         dense::backward_outputs(input, weight, output_mask);
     at::Tensor gi = output_mask[0] ? as_matrix(grad_input) : at::Tensor();
     at::Tensor gw = output_mask[1] ? grad_weight : at::Tensor();
     at::Tensor gb = output_mask[2] ? grad_bias : at::Tensor();
-    dense::backward(g, x, weight, live_mask, num_live < width, /*align_rows=*/false, gi, gw, gb);
+    dense::backward(
+        g, x, weight, live_mask, live.end, live.count < live.end, /*align_rows=*/false, gi, gw,
+        gb);
     return {grad_input, grad_weight, grad_bias};
   }
   // The gather kernels allocate their own weight-side gradients (see

@@ -23,24 +23,18 @@ Needs the optional dependencies: ``pip install "growop[demo]"`` (scikit-learn, m
 tqdm).
 
 ``python -m growop.demo --task vocab`` runs the other task, adding tokens to a tiny Llama
-mid-training (:mod:`growop.demo_vocab`).
+mid-training (:mod:`growop.demo.vocab`).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import importlib
-import json
-import platform
 import random
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -48,12 +42,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import growop
 from growop import GrowLinear
+from growop.demo.common import (
+    TASKS,
+    add_common_options,
+    describe_run,
+    new_figure,
+    one_thread,
+    require,
+    save_figure,
+    write_results,
+)
+from growop.measure import time_call
 from growop.optim import row_step_correction
 from growop.reference import add_output_nodes
 
-TASKS = ("digits", "vocab")
 METHODS = ("growop", "growop_uncorrected", "copy_keep_optimizer", "copy_new_optimizer")
 NUM_CLASSES = 10
 IN_FEATURES = 64  # 8x8 pixels
@@ -64,8 +67,7 @@ STEPS_PER_STAGE = 200
 QUICK_STEPS_PER_STAGE = 15
 TEST_FRACTION = 0.3
 DEFAULT_OUT = "growop-demo"
-
-_INSTALL_HINT = 'pip install "growop[demo]"'
+EXTRAS = "demo"
 
 
 # ---------------------------------------------------------------------------- setup
@@ -114,17 +116,6 @@ class DigitNet(nn.Module):
         return self.head(self.body(x))
 
 
-def _require(module: str, package: str) -> ModuleType:
-    """Imports an optional dependency, or exits with the command that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise SystemExit(
-            f"growop.demo needs {package}, which is not installed. "
-            f"Install the demo's dependencies with: {_INSTALL_HINT}  (or: pip install {package})"
-        ) from None
-
-
 def seed_everything(seed: int) -> None:
     """Seeds Python's, NumPy's and torch's global generators.
 
@@ -143,8 +134,8 @@ def stage_classes(num_stages: int) -> list[list[int]]:
 
 def load_data(seed: int, device: torch.device) -> DigitsData:
     """scikit-learn's 1,797 digits, with a stratified test split fixed by ``seed``."""
-    datasets = _require("sklearn.datasets", "scikit-learn")
-    model_selection = _require("sklearn.model_selection", "scikit-learn")
+    datasets = require("sklearn.datasets", "scikit-learn", EXTRAS)
+    model_selection = require("sklearn.model_selection", "scikit-learn", EXTRAS)
     digits = datasets.load_digits()
     x = digits.data.astype(np.float32) / 16.0  # pixel values are 0..16
     y = digits.target.astype(np.int64)
@@ -197,11 +188,6 @@ def evaluate(model: nn.Module, data: DigitsData, num_seen: int) -> float:
     return (predicted == data.y_test[keep]).float().mean().item()
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _head_rows(head: nn.Module, rows: slice) -> tuple[Tensor, Tensor]:
     return head.weight[rows], head.bias[rows]
 
@@ -221,18 +207,18 @@ def grow_head(
     identical new rows (growop's Adam state for them is zero either way).
     """
     k = new_rows[0].shape[0]
-    device = new_rows[0].device
     old_out = model.head.out_features
-    _synchronize(device)
-    start = time.perf_counter()
-    if method.startswith("growop"):
-        model.head.grow(k, optimizer=optimizer)
-    else:
+
+    def grow() -> torch.optim.Optimizer:
+        if method.startswith("growop"):
+            model.head.grow(k, optimizer=optimizer)
+            return optimizer
         model.head = add_output_nodes(model.head, k)
         if method == "copy_new_optimizer":
-            optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    _synchronize(device)
-    seconds = time.perf_counter() - start
+            return torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+        return optimizer
+
+    optimizer, seconds = time_call(grow, new_rows[0].device)
 
     rows = slice(old_out, old_out + k)
     with torch.no_grad():
@@ -360,10 +346,6 @@ def plot_accuracy(
     results: dict[str, MethodResult], stages: list[list[int]], path: Path, title_note: str
 ) -> None:
     """Writes a line plot of test accuracy per stage, one line per method, to ``path``."""
-    matplotlib = _require("matplotlib", "matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     seen = np.cumsum([len(c) for c in stages])
     x = np.arange(1, len(stages) + 1)
     styles = {
@@ -372,7 +354,7 @@ def plot_accuracy(
         "copy_keep_optimizer": dict(marker="s", linestyle="--", color="tab:red"),
         "copy_new_optimizer": dict(marker="^", linestyle="-.", color="tab:green"),
     }
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = new_figure(EXTRAS)
     # Methods often tie; a small sideways offset keeps every marker visible.
     offsets = np.linspace(-0.06, 0.06, len(results))
     for offset, (method, result) in zip(offsets, results.items()):
@@ -394,9 +376,7 @@ def plot_accuracy(
     title = f"Class-incremental digits: growing the classifier head\n{title_note}"
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -416,20 +396,6 @@ def check_device_supported(device: torch.device) -> None:
         ) from None
 
 
-def _device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model as Linux reports it."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m growop.demo",
@@ -441,17 +407,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stages", type=int, default=5, help="stages the 10 classes arrive in, 2..10 (default 5)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for split, weights, batches")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path(DEFAULT_OUT),
-        help=f"output folder (default ./{DEFAULT_OUT})",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"smoke mode: {QUICK_STEPS_PER_STAGE} steps per stage instead of {STEPS_PER_STAGE}",
+    add_common_options(
+        parser,
+        default_out=DEFAULT_OUT,
+        quick=f"{QUICK_STEPS_PER_STAGE} steps per stage instead of {STEPS_PER_STAGE}",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
@@ -473,22 +432,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the demo; returns what it writes to ``results.json``.
-
-    ``--task digits`` (the default) is this module's class-incremental task; ``--task vocab``
-    runs :mod:`growop.demo_vocab` with the remaining arguments.
-    """
-    task_parser = argparse.ArgumentParser(add_help=False)
-    task_parser.add_argument("--task", choices=TASKS, default="digits")
-    task, rest = task_parser.parse_known_args(argv)
-    if task.task == "vocab":
-        from growop import demo_vocab
-
-        return demo_vocab.main(rest)
-    args = parse_args(rest)
-    tqdm = _require("tqdm", "tqdm").tqdm
-    _require("matplotlib", "matplotlib")
-    _require("sklearn", "scikit-learn")
+    """Runs the digits task; returns what it writes to ``results.json``."""
+    args = parse_args(argv)
+    tqdm = require("tqdm", "tqdm", EXTRAS).tqdm
+    require("matplotlib", "matplotlib", EXTRAS)
+    require("sklearn", "scikit-learn", EXTRAS)
 
     device = torch.device(args.device)
     check_device_supported(device)
@@ -500,22 +448,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     new_rows = draw_new_rows(stages, args.seed, device)
 
     results: dict[str, MethodResult] = {}
-    # The model is tiny: intra-op threads only add overhead, and on a busy machine make
-    # each step many times slower. One thread for every method; the caller's setting is
-    # restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tqdm(
-            total=len(METHODS) * len(stages) * steps, desc="training", unit="step", file=sys.stderr
-        ) as progress:
-            for method in METHODS:
-                progress.set_description(method)
-                results[method] = run_method(
-                    method, initial_model, data, stages, new_rows, steps, args.seed, progress
-                )
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread(), tqdm(
+        total=len(METHODS) * len(stages) * steps, desc="training", unit="step", file=sys.stderr
+    ) as progress:
+        for method in METHODS:
+            progress.set_description(method)
+            results[method] = run_method(
+                method, initial_model, data, stages, new_rows, steps, args.seed, progress
+            )
 
     print()
     print(format_table(results, stages))
@@ -533,19 +473,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "model": f"{IN_FEATURES}->{HIDDEN} ReLU->head",
         "train_images": len(data.y_train),
         "test_images": len(data.y_test),
-        "device": str(device),
-        "torch_threads": 1,
-        "device_name": _device_name(device),
-        "torch": torch.__version__,
-        "growop": growop.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
+        **describe_run(device),
     }
     output: dict[str, Any] = {m: r.to_json() for m, r in results.items()}
     output["config"] = config
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(output, indent=2) + "\n")
+    write_results(args.out, output)
     note = f"{args.stages} stages, {steps} Adam steps/stage, batch {BATCH_SIZE}, seed {args.seed}"
     plot_accuracy(results, stages, args.out / "accuracy.png", note)
     print(f"\nWrote {args.out / 'results.json'} and {args.out / 'accuracy.png'}")

@@ -1,0 +1,3 @@
+from growop.demo import main
+
+main()

@@ -1,0 +1,43 @@
+"""The shared comparison helper of conftest.py fails where it should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import AUTOCAST_TOLERANCES, SAME_DTYPE_TOLERANCES, TOLERANCES, assert_close, assert_equal
+
+
+def test_a_mismatch_names_its_positions_and_values():
+    expected = torch.zeros(3, 4)
+    actual = expected.clone()
+    actual[1, 2] = 0.5
+    assert_close(actual, expected, atol=0.5)
+    with pytest.raises(pytest.fail.Exception, match=r"grad: 1 of 12 elements differ .*\(1, 2\): 0\.5 vs 0\.0"):
+        assert_close(actual, expected, atol=0.25, what="grad")
+    with pytest.raises(pytest.fail.Exception, match="1 of 12"):
+        assert_close(actual.double(), expected.double(), torch.float32)  # 0.5 > 1e-4 + 1e-4 * 0
+
+
+def test_equal_infinities_match_and_nan_never_does():
+    inf = torch.tensor([float("inf"), -float("inf")])
+    assert_equal(inf, inf.clone())
+    nan = torch.tensor([float("nan")])
+    with pytest.raises(pytest.fail.Exception, match="1 of 1"):
+        assert_equal(nan, nan.clone())
+
+
+def test_dtypes_and_shapes_must_match_unless_against_a_reference():
+    with pytest.raises(AssertionError, match="dtype"):
+        assert_equal(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+    assert_close(torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.float64), torch.bfloat16)
+    with pytest.raises(AssertionError, match="shape"):
+        assert_close(torch.zeros(2), torch.zeros(3), torch.float32)
+    with pytest.raises(TypeError, match="not both"):
+        assert_close(torch.zeros(2), torch.zeros(2), torch.float32, atol=1.0)
+
+
+def test_each_tolerance_table_covers_its_dtypes():
+    floats = {torch.float64, torch.float32, torch.bfloat16, torch.float16}
+    assert set(TOLERANCES) == set(SAME_DTYPE_TOLERANCES) == floats
+    assert set(AUTOCAST_TOLERANCES) == {torch.bfloat16, torch.float16}
