@@ -1,5 +1,6 @@
 """What the tests share: dtypes and their tolerances, one comparison helper, masks, the
-``device`` and ``strategy`` fixtures, and the harness that runs a scenario on two processes.
+``device`` and ``strategy`` fixtures, a tokenizer trained offline, and the harness that runs a
+scenario on two processes.
 
 A test file imports what it needs from here (``from conftest import ...``), never from
 another test file."""
@@ -153,6 +154,26 @@ def capture_cuda_graph(step):
     with torch.cuda.graph(graph):
         static = step()
     return graph, static
+
+
+def train_bpe_tokenizer(lines: list[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained offline on ``lines``, as a transformers tokenizer
+    with ``<eos>`` as its end and padding token. ``tokenizers`` and ``transformers`` are
+    optional extras, imported here only: the tests that call this skip without them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
 
 
 # ----------------------------------------------------------------------------- processes

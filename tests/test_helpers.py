@@ -1,6 +1,11 @@
-"""The shared comparison helper of conftest.py fails where it should."""
+"""The shared helpers of conftest.py: the comparison fails where it should, and conftest.py
+imports without the optional extras."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,3 +46,15 @@ def test_each_tolerance_table_covers_its_dtypes():
     floats = {torch.float64, torch.float32, torch.bfloat16, torch.float16}
     assert set(TOLERANCES) == set(SAME_DTYPE_TOLERANCES) == floats
     assert set(AUTOCAST_TOLERANCES) == {torch.bfloat16, torch.float16}
+
+
+def test_conftest_imports_without_the_optional_extras():
+    """tokenizers and transformers are optional: conftest.py imports them only inside the
+    helper that needs them, so a test run without them still collects."""
+    blocked = ", ".join(f"{name!r}: None" for name in ("tokenizers", "transformers", "accelerate", "peft"))
+    script = (
+        f"import sys; sys.modules.update({{{blocked}}}); sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "import conftest; assert callable(conftest.train_bpe_tokenizer)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
