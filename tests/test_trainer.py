@@ -27,7 +27,7 @@ from transformers import (  # noqa: E402
 )
 
 import growop  # noqa: E402
-from conftest import train_bpe_tokenizer  # noqa: E402
+from conftest import assert_equal, train_bpe_tokenizer  # noqa: E402
 from growop.transformers import CAPACITY_KEY, GrowVocabularyCallback, make_growable  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -94,8 +94,8 @@ def losses_after(trainer: Trainer, step: int) -> list[float]:
 def assert_same_state(model, expected: dict[str, torch.Tensor]) -> None:
     state = model.state_dict()
     assert state.keys() == expected.keys()
-    different = [key for key in expected if not torch.equal(state[key], expected[key])]
-    assert not different, different
+    for key, want in expected.items():
+        assert_equal(state[key], want, what=key)
 
 
 def uninterrupted(corpus, tmp_path: Path, tied: bool, capacity: int | None = None):
@@ -179,7 +179,7 @@ def test_resume_into_a_rebuilt_model_of_another_capacity(corpus, tmp_path):
         if value.dim():  # the rows both capacities hold
             rows = min(value.shape[0], want.shape[0])
             value, want = value[:rows], want[:rows]
-        assert torch.equal(value, want), key
+        assert_equal(value, want, what=key)
 
 
 class GrowBetweenMicroBatches(TrainerCallback):
