@@ -13,12 +13,34 @@ extension is CPU-only and built exactly as before.
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
+import setuptools
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
+
+
+def _require_setuptools():
+    """The setuptools pyproject.toml's build-system names: ``--no-build-isolation`` (which
+    this build needs) installs nothing, and an older setuptools fails on the ``license``
+    string with a schema error that does not say which version to install."""
+    minimum = re.search(r'"setuptools>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    found = setuptools.__version__
+
+    def numbers(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+    if numbers(found) < numbers(minimum):
+        raise SystemExit(
+            f"growop needs setuptools>={minimum} to build (pyproject.toml), found {found}: "
+            f'pip install "setuptools>={minimum}", then build again'
+        )
+
+
+_require_setuptools()
 
 
 def _load_extension_helpers():

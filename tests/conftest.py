@@ -1,5 +1,6 @@
 """What the tests share: dtypes and their tolerances, one comparison helper, masks, the
-``device`` and ``strategy`` fixtures, and the harness that runs a scenario on two processes.
+``device`` and ``strategy`` fixtures, a tokenizer trained offline, the check that no test file
+leaves a process-wide setting changed, and the harness that runs a scenario on two processes.
 
 A test file imports what it needs from here (``from conftest import ...``), never from
 another test file."""
@@ -153,6 +154,76 @@ def capture_cuda_graph(step):
     with torch.cuda.graph(graph):
         static = step()
     return graph, static
+
+
+def train_bpe_tokenizer(lines: list[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained offline on ``lines``, as a transformers tokenizer
+    with ``<eos>`` as its end and padding token. ``tokenizers`` and ``transformers`` are
+    optional extras, imported here only: the tests that call this skip without them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
+
+
+# ----------------------------------------------------------------------------- process-wide settings
+
+
+def process_settings() -> dict[str, object]:
+    """The process-wide settings one test file could change and leave changed for the files
+    after it in the same run. ``torch.backends.flags_frozen()`` is among them: importing
+    ``torch.testing._internal`` freezes the backends' flags (``disable_global_flags``), after
+    which setting, say, ``torch.backends.cudnn.allow_tf32`` raises; the same import replaces
+    TorchScript's call entry points."""
+    backends = torch.backends
+    return {
+        "torch.backends.flags_frozen()": backends.flags_frozen(),
+        "torch.backends.cuda.matmul.allow_tf32": backends.cuda.matmul.allow_tf32,
+        "torch.backends.cudnn.allow_tf32": backends.cudnn.allow_tf32,
+        "torch.backends.cudnn.benchmark": backends.cudnn.benchmark,
+        "torch.backends.cudnn.deterministic": backends.cudnn.deterministic,
+        "torch.backends.cudnn.enabled": backends.cudnn.enabled,
+        "torch.backends.mkldnn.enabled": backends.mkldnn.enabled,
+        "torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision(),
+        "torch.get_default_dtype()": torch.get_default_dtype(),
+        "torch.are_deterministic_algorithms_enabled()": torch.are_deterministic_algorithms_enabled(),
+        "torch.is_grad_enabled()": torch.is_grad_enabled(),
+        "torch.get_num_threads()": torch.get_num_threads(),
+        "torch._C.ScriptFunction.__call__": torch._C.ScriptFunction.__call__,
+        "torch._C.ScriptMethod.__call__": torch._C.ScriptMethod.__call__,
+    }
+
+
+def changed_settings(before: dict[str, object], after: dict[str, object]) -> str:
+    """``name: before -> after`` for each setting that differs, or ``""``."""
+    return "; ".join(f"{name}: {before[name]!r} -> {after[name]!r}" for name in before if after[name] != before[name])
+
+
+# Taken when pytest loads this file, before any test file is imported.
+SETTINGS_AT_START = process_settings()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def settings_left_as_found(request):
+    """Each test file starts and ends with the process-wide settings the run started with:
+    a change made while collecting fails the next file's first test, one left by a file
+    fails its last test's teardown."""
+    where = request.module.__name__
+    changed = changed_settings(SETTINGS_AT_START, process_settings())
+    assert not changed, f"before {where} ran, something (an import at collection?) changed: {changed}"
+    yield
+    changed = changed_settings(SETTINGS_AT_START, process_settings())
+    assert not changed, f"{where} left process-wide settings changed (restore them in a fixture): {changed}"
 
 
 # ----------------------------------------------------------------------------- processes

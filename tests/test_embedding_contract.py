@@ -5,6 +5,7 @@ refuses and the exception types it raises."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -13,11 +14,6 @@ from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 from growop import GrowEmbedding
-
-try:  # PyTorch's own module tests (needs expecttest, in the test extra)
-    from torch.testing._internal.common_modules import module_db
-except ImportError:  # pragma: no cover - exercised only without expecttest
-    module_db = []
 
 V, D, CAP = 10, 4, 16
 
@@ -31,23 +27,43 @@ def pair(padding_idx=None, dtype=torch.float64) -> tuple[nn.Embedding, GrowEmbed
 
 # ----------------------------------------------------------------------------- PyTorch's module tests
 
-EMBEDDING_INFO = next((info for info in module_db if info.module_cls is nn.Embedding), None)
-needs_module_db = pytest.mark.skipif(EMBEDDING_INFO is None, reason="torch's module tests need expecttest")
+def _import_module_db():
+    """PyTorch's own module tests, imported with the process-wide state left as it was:
+    ``torch.testing._internal.common_utils`` freezes torch.backends' flags at import
+    (``disable_global_flags``: setting ``torch.backends.cudnn.allow_tf32`` then raises) and
+    replaces ``torch._C.ScriptFunction.__call__`` / ``ScriptMethod.__call__``. Imported here,
+    not at the top, so that nothing changes while pytest collects every file."""
+    calls = torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__
+    try:
+        # torch.backends' own context for changing its flags: it puts the freeze flag back
+        # as it found it on exit (there is no public inverse of disable_global_flags).
+        with torch.backends.__allow_nonbracketed_mutation(), warnings.catch_warnings():
+            from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
+    finally:
+        torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__ = calls
+    return module_db, ModuleErrorEnum
 
 
-def _module_inputs(dtype: torch.dtype):
-    return EMBEDDING_INFO.module_inputs_func(
-        EMBEDDING_INFO, device="cpu", dtype=dtype, requires_grad=True, training=True
-    )
+@pytest.fixture(scope="module")
+def embedding_info():
+    """nn.Embedding's entry in PyTorch's module tests, and the enum of where an error occurs."""
+    try:
+        module_db, error_enum = _import_module_db()
+    except ImportError as error:  # pragma: no cover - exercised only without expecttest
+        pytest.skip(f"torch's module tests need expecttest (the test extra): {error}")
+    return next(info for info in module_db if info.module_cls is nn.Embedding), error_enum
 
 
-@needs_module_db
+def _module_inputs(info, dtype: torch.dtype):
+    return info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_torch_module_inputs_for_nn_embedding_give_the_same_lookups_and_gradients(dtype):
+def test_torch_module_inputs_for_nn_embedding_give_the_same_lookups_and_gradients(embedding_info, dtype):
     """Each constructor and forward input that PyTorch's own module tests use for
     nn.Embedding: GrowEmbedding built from the same arguments looks up the same rows, and
     the same gradients reach the live rows (none the rows past them)."""
-    inputs = _module_inputs(dtype)
+    inputs = _module_inputs(embedding_info[0], dtype)
     assert inputs
     for sample in inputs:
         args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
@@ -69,14 +85,12 @@ def test_torch_module_inputs_for_nn_embedding_give_the_same_lookups_and_gradient
         assert torch.equal(batched, want.detach()), sample.desc
 
 
-@needs_module_db
-def test_torch_error_inputs_for_nn_embedding_raise_the_same_exception_types():
+def test_torch_error_inputs_for_nn_embedding_raise_the_same_exception_types(embedding_info):
     """PyTorch's error inputs for nn.Embedding (an id out of range, float ids, a negative
     num_embeddings) raise exceptions of the type nn.Embedding raises there."""
-    from torch.testing._internal.common_modules import ModuleErrorEnum
-
-    samples = EMBEDDING_INFO.module_error_inputs_func(
-        EMBEDDING_INFO, device="cpu", dtype=torch.float32, requires_grad=False, training=True
+    info, ModuleErrorEnum = embedding_info  # noqa: N806 - torch's enum, under its own name
+    samples = info.module_error_inputs_func(
+        info, device="cpu", dtype=torch.float32, requires_grad=False, training=True
     )
     assert samples
     for sample in samples:

@@ -1,6 +1,6 @@
-"""The README's Python code blocks run as written, so they stay true.
+"""The Python code blocks of README.md and docs/*.md run as written, so they stay true.
 
-The convention (README.md states it again in an HTML comment above its first block):
+The convention (each file states it again in an HTML comment above its first block):
 
 - every ```python block runs as written, offline, in a fresh namespace;
 - a block whose first line is ``# continues the block above`` runs in the namespace the
@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 CONTINUES = "# continues the block above"
 NOT_RUN = "# not run:"
 FENCE = re.compile(r"^ {0,3}```\s*(\S*)\s*$")
@@ -33,38 +35,43 @@ OPTIONAL = {"transformers", "tokenizers", "safetensors", "accelerate", "peft"}
 
 @dataclass
 class Block:
-    line: int  # of the block's first code line in README.md
+    path: Path
+    line: int  # of the block's first code line in the file
     language: str
     code: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
 
     @property
     def first_line(self) -> str:
         return self.code.lstrip("\n").splitlines()[0] if self.code.strip() else ""
 
     def compiled(self):
-        # Padded with blank lines so that a traceback names the README's own line numbers.
-        return compile("\n" * (self.line - 1) + self.code, str(README), "exec")
+        # Padded with blank lines so that a traceback names the file's own line numbers.
+        return compile("\n" * (self.line - 1) + self.code, str(self.path), "exec")
 
 
-def blocks(text: str) -> list[Block]:
-    """Every fenced block of ``text``, with its language and first code line."""
-    found, lines, i = [], text.splitlines(), 0
+def blocks(path: Path) -> list[Block]:
+    """Every fenced block of the file, with its language and first code line."""
+    found, lines, i = [], path.read_text().splitlines(), 0
     while i < len(lines):
         opening = FENCE.match(lines[i])
         if opening is None:
             i += 1
             continue
         end = next((j for j in range(i + 1, len(lines)) if FENCE.match(lines[j])), None)
-        assert end is not None, f"README.md:{i + 1}: a fence that never closes"
-        found.append(Block(i + 2, opening.group(1).lower(), "\n".join(lines[i + 1 : end]) + "\n"))
+        assert end is not None, f"{path.relative_to(ROOT)}:{i + 1}: a fence that never closes"
+        found.append(Block(path, i + 2, opening.group(1).lower(), "\n".join(lines[i + 1 : end]) + "\n"))
         i = end + 1
     return found
 
 
-def chains(text: str) -> list[list[Block]]:
-    """The runnable Python blocks, grouped into the chains that share a namespace."""
+def chains(path: Path) -> list[list[Block]]:
+    """The file's runnable Python blocks, grouped into the chains that share a namespace."""
     grouped: list[list[Block]] = []
-    for block in (b for b in blocks(text) if b.language == "python"):
+    for block in (b for b in blocks(path) if b.language == "python"):
         if block.first_line.startswith(NOT_RUN):
             continue
         if block.first_line.startswith(CONTINUES):
@@ -74,30 +81,38 @@ def chains(text: str) -> list[list[Block]]:
     return grouped
 
 
-CHAINS = chains(README.read_text())
+CHAINS = [chain for path in DOCUMENTS for chain in chains(path)]
 
 
-def test_the_convention_holds():
-    text = README.read_text()
-    assert CONTINUES in text and NOT_RUN in text  # stated where README writers look
+@pytest.mark.parametrize("path", DOCUMENTS, ids=[path.name for path in DOCUMENTS])
+def test_the_convention_holds(path):
+    text = path.read_text()
+    found = blocks(path)
+    if any(block.language == "python" for block in found):
+        assert CONTINUES in text and NOT_RUN in text, f"{path.name}: state the convention where writers look"
     previous = None
-    for block in blocks(text):
-        assert block.language not in PYTHON_LIKE, f"README.md:{block.line}: fence Python with ```python"
+    for block in found:
+        assert block.language not in PYTHON_LIKE, f"{block.where}: fence Python with ```python"
         if block.language != "python":
             continue
         if block.first_line.startswith(NOT_RUN):
-            assert block.first_line[len(NOT_RUN):].strip(), f"README.md:{block.line}: say why it is not run"
+            assert block.first_line[len(NOT_RUN):].strip(), f"{block.where}: say why it is not run"
         if block.first_line.startswith(CONTINUES):
             assert previous is not None and not previous.first_line.startswith(NOT_RUN), (
-                f"README.md:{block.line} continues a block that does not run"
+                f"{block.where} continues a block that does not run"
             )
         block.compiled()  # every Python block is at least valid Python, run or not
         previous = block
-    assert CHAINS, "README.md has no runnable Python block"
 
 
-@pytest.mark.parametrize("chain", CHAINS, ids=[f"line{chain[0].line}" for chain in CHAINS])
-def test_readme_block_runs(chain, tmp_path, monkeypatch):
+def test_the_readme_and_the_docs_have_runnable_blocks():
+    """The chains come from README.md and from docs/ (a glob that matched nothing would
+    leave docs/*.md untested without a failure)."""
+    assert {chain[0].path for chain in CHAINS} >= {README, ROOT / "docs" / "integrations.md"}
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids=[f"{chain[0].path.name}:line{chain[0].line}" for chain in CHAINS])
+def test_block_runs(chain, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # whatever a block writes lands here
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
@@ -107,5 +122,5 @@ def test_readme_block_runs(chain, tmp_path, monkeypatch):
             exec(block.compiled(), namespace)
         except ModuleNotFoundError as error:
             if (error.name or "").split(".")[0] in OPTIONAL:
-                pytest.skip(f"README.md:{block.line} needs {error.name} (pip install \"growop[hf]\")")
+                pytest.skip(f"{block.where} needs {error.name} (pip install \"growop[hf]\")")
             raise

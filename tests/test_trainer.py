@@ -1,5 +1,6 @@
 """The Hugging Face Trainer across a mid-training vocabulary grow: checkpoints, resumes and
-gradient accumulation, offline on CPU with tiny models and a tokenizer trained here."""
+gradient accumulation, offline on CPU with tiny models and a tokenizer trained here on the
+texts below."""
 
 from __future__ import annotations
 
@@ -26,24 +27,29 @@ from transformers import (  # noqa: E402
 )
 
 import growop  # noqa: E402
-from growop.demo.vocab import NEW_WORDS, read_corpus, train_tokenizer  # noqa: E402
+from conftest import assert_equal, train_bpe_tokenizer  # noqa: E402
 from growop.transformers import CAPACITY_KEY, GrowVocabularyCallback, make_growable  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
-WORDS = list(NEW_WORDS[:4])
+WORDS = ["exoplanet", "spectrograph", "magnetosphere", "heliosphere"]  # the tokens a grow adds
 GROW_STEP, SAVE_STEP, MAX_STEPS = 3, 4, 8
+
+PEOPLE = ("the miller", "the old sailor", "my sister", "the baker", "the teacher", "our neighbour")
+PLACES = ("the harbour", "the old bridge", "the market", "the lighthouse")
+# The tokenizer learns the base text; the new text uses WORDS, which it splits until the grow.
+BASE_TEXT = [f"{person} walks to {place} when the wind is cold." for person in PEOPLE for place in PLACES]
+NEW_TEXT = [
+    f"{person} studies the {first} near the {second}."
+    for person in PEOPLE
+    for first, second in zip(WORDS, WORDS[1:] + WORDS[:1])
+]
 
 
 @pytest.fixture(scope="module")
 def corpus() -> tuple[list[str], list[str]]:
-    base, new, _ = read_corpus()
-    texts = [line for pair in zip(base[:24], new[:24]) for line in pair]  # both topics in every batch
-    return base, texts
-
-
-def fresh_tokenizer(base: list[str]):
-    return train_tokenizer(base)
+    """(the tokenizer's text, the training texts: both topics in every batch)."""
+    return BASE_TEXT, [line for pair in zip(BASE_TEXT, NEW_TEXT) for line in pair]
 
 
 def tiny_llama(vocab: int, tied: bool, seed: int = 0, capacity: int | None = None):
@@ -88,15 +94,15 @@ def losses_after(trainer: Trainer, step: int) -> list[float]:
 def assert_same_state(model, expected: dict[str, torch.Tensor]) -> None:
     state = model.state_dict()
     assert state.keys() == expected.keys()
-    different = [key for key in expected if not torch.equal(state[key], expected[key])]
-    assert not different, different
+    for key, want in expected.items():
+        assert_equal(state[key], want, what=key)
 
 
 def uninterrupted(corpus, tmp_path: Path, tied: bool, capacity: int | None = None):
     """Trains MAX_STEPS steps, growing after GROW_STEP; returns the trainer, the final state
     and the checkpoint saved after the grow."""
     base, texts = corpus
-    tokenizer = fresh_tokenizer(base)
+    tokenizer = train_bpe_tokenizer(base)
     vocab = len(tokenizer)
     model = tiny_llama(vocab, tied, capacity=capacity)
     trainer = trainer_for(
@@ -118,7 +124,7 @@ def test_resume_after_a_mid_training_grow_matches_the_uninterrupted_run(corpus, 
     at step 4; a fresh Trainer resumes a model resized to the checkpoint's tokenizer: the
     losses of steps 5 to 8 and the final weights are the uninterrupted run's, bit for bit."""
     base, texts = corpus
-    capacity = len(fresh_tokenizer(base)) + 2 if tight else None
+    capacity = len(train_bpe_tokenizer(base)) + 2 if tight else None
     trainer, final, checkpoint, vocab = uninterrupted(corpus, tmp_path / "run", tied, capacity)
     grown = trainer.model.get_input_embeddings()
     if tight:
@@ -173,7 +179,7 @@ def test_resume_into_a_rebuilt_model_of_another_capacity(corpus, tmp_path):
         if value.dim():  # the rows both capacities hold
             rows = min(value.shape[0], want.shape[0])
             value, want = value[:rows], want[:rows]
-        assert torch.equal(value, want), key
+        assert_equal(value, want, what=key)
 
 
 class GrowBetweenMicroBatches(TrainerCallback):
@@ -217,7 +223,7 @@ def test_a_grow_between_micro_batches_accumulates_each_micro_batchs_own_gradient
     gradient is the first micro-batch's (old vocabulary, nothing on the new rows) plus the
     second's (grown model), and the new rows' Adam state starts fresh at that step."""
     base, texts = corpus
-    tokenizer = fresh_tokenizer(base)
+    tokenizer = train_bpe_tokenizer(base)
     vocab = len(tokenizer)
     model = tiny_llama(vocab, tied=True)
     probe = GrowBetweenMicroBatches(tokenizer, step=2)
@@ -245,7 +251,7 @@ def test_a_grow_between_micro_batches_accumulates_each_micro_batchs_own_gradient
 
 def test_grow_vocabulary_callback_refuses_a_model_that_is_not_growable(corpus, tmp_path):
     base, texts = corpus
-    tokenizer = fresh_tokenizer(base)
+    tokenizer = train_bpe_tokenizer(base)
     torch.manual_seed(0)
     plain = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,

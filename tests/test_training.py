@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import assert_equal
 from growop import GrowLinear
 from growop.reference import add_output_nodes
 
@@ -25,18 +26,6 @@ OPTIMIZERS = {
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def assert_equal(actual, expected, what="tensor"):
-    """Bit equality that lists the first mismatching positions."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    bad = actual != expected
-    if bad.any():
-        positions = bad.nonzero()[:8].tolist()
-        detail = ", ".join(
-            f"{tuple(p)}: {actual[tuple(p)].item()!r} vs {expected[tuple(p)].item()!r}" for p in positions
-        )
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at {detail}")
 
 
 def regression_problem(seed=0, outputs=6):

@@ -21,6 +21,7 @@ from transformers import (  # noqa: E402
 )
 
 import growop  # noqa: E402
+from conftest import train_bpe_tokenizer  # noqa: E402
 from growop.measure import measure_allocations  # noqa: E402
 from growop.transformers import make_growable, to_plain  # noqa: E402
 
@@ -66,20 +67,7 @@ def _llama_config(vocab: int, tied: bool) -> LlamaConfig:
 @pytest.fixture(scope="module")
 def tokenizer():
     """A byte-level BPE tokenizer trained here, offline, on the base text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(BASE_TEXT, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return train_bpe_tokenizer(BASE_TEXT)
 
 
 def is_tied(model) -> bool:
