@@ -60,6 +60,19 @@ constexpr int64_t kGatherBlockBytes = int64_t{4} << 20;
 constexpr int64_t kSpanDensityNum = 9;
 constexpr int64_t kSpanDensityDen = 10;
 
+// The gathered rows are shared between threads only while each share has at
+// least this many multiply-adds: below it, waking the threads costs more than
+// they save (fragmented (128, 64 -> 10) went from 1.3x to 1.5x of nn.Linear in
+// the forward at 2 threads, benchmarks/RESULTS.md). About 20 us of one core's
+// GEMM.
+constexpr int64_t kMinShareWork = int64_t{1} << 20;
+
+// The grain of a parallel copy loop whose every index moves `elements`
+// elements: torch's own grain for elementwise loops.
+int64_t copy_grain(int64_t elements) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, elements));
+}
+
 // The most rows of `row_bytes` bytes a gathered block holds.
 int64_t max_chunk_rows(int64_t row_bytes) {
   return std::clamp<int64_t>(kGatherBlockBytes / std::max<int64_t>(1, row_bytes), 16, 2048);
@@ -68,14 +81,15 @@ int64_t max_chunk_rows(int64_t row_bytes) {
 // How the live rows among the first `width` rows are covered.
 //
 // The gathered rows are cut into chunks of equal size (the last may be
-// shorter), as many as make each at most max_chunk_rows, rounded up to a
-// multiple of the thread count: the threads share the chunks, each taking the
-// same number (see for_each_chunk_share).
+// shorter): enough that each holds at most max_chunk_rows, their count rounded
+// up to a multiple of the thread count, so that the threads' shares of chunks
+// (see for_each_chunk_share) hold about as many rows each.
 struct LivePlan {
   std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end), in place
   std::vector<int64_t> gathered;  // live rows left to gather, ascending
   int64_t num_live = 0;
   int64_t chunk = 1;  // rows gathered per GEMM
+  int64_t chunks_per_share = 1;  // the fewest chunks a thread's share holds
 
   int64_t num_chunks() const {
     return (static_cast<int64_t>(gathered.size()) + chunk - 1) / chunk;
@@ -104,15 +118,17 @@ struct LivePlan {
 // (benchmarks/RESULTS.md), whose gathers and scatters ended on a barrier each.
 template <typename F>
 void for_each_chunk_share(const LivePlan& plan, const F& share) {
-  cpu::parallel_for(0, plan.num_chunks(), 1, share);
+  cpu::parallel_for(0, plan.num_chunks(), plan.chunks_per_share, share);
 }
 
 // min_run: runs at least this long are kept whole; pass a huge value to
-// gather every live row. row_bytes: the bytes of a gathered row.
+// gather every live row. row_bytes: the bytes of a gathered row; row_work: the
+// multiply-adds of one gathered row's GEMM (batch x in_features).
 LivePlan plan_live_rows(
     const at::Tensor& active,
     int64_t width,
     int64_t row_bytes,
+    int64_t row_work,
     int64_t min_run = kMinDirectRun) {
   const uint8_t* live = mask_bytes(active);
   LivePlan plan;
@@ -137,11 +153,15 @@ LivePlan plan_live_rows(
     j = end;
   }
   const int64_t gathered = static_cast<int64_t>(plan.gathered.size());
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t work = gathered * std::max<int64_t>(1, row_work);
+  const int64_t threads = at::in_parallel_region()
+      ? 1
+      : std::clamp<int64_t>(work / kMinShareWork, 1, at::get_num_threads());
   const int64_t max_chunk = max_chunk_rows(row_bytes);
   const int64_t chunks = (gathered + max_chunk - 1) / max_chunk;
   const int64_t balanced = std::min(gathered, (chunks + threads - 1) / threads * threads);
   plan.chunk = std::max<int64_t>(1, (gathered + balanced - 1) / std::max<int64_t>(1, balanced));
+  plan.chunks_per_share = (plan.num_chunks() + threads - 1) / threads;
   return plan;
 }
 
@@ -204,7 +224,7 @@ void gather_rows(
   if (k == 0) {  // no bytes to copy, and the pointers may be null
     return;
   }
-  cpu::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+  cpu::parallel_for(0, n, copy_grain(k), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const src_t* s = src + rows[i] * k;
       dst_t* d = dst + i * k;
@@ -229,7 +249,7 @@ void gather_columns(
     int64_t batch,
     dst_t* dst,
     int64_t ld) {
-  cpu::parallel_for(0, batch, 16, [&](int64_t r0, int64_t r1) {
+  cpu::parallel_for(0, batch, copy_grain(n), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t i = 0; i < n; ++i) {
         dst[r * ld + i] = static_cast<dst_t>(src[r * src_ld + cols[i]]);
@@ -289,7 +309,8 @@ void gather_forward(
   const int64_t width = out.size(1);
   const int64_t in_features = w.size(1);
   const bool has_bias = bias.defined();
-  const LivePlan plan = plan_live_rows(live_mask, width, in_features * w.element_size());
+  const LivePlan plan =
+      plan_live_rows(live_mask, width, in_features * w.element_size(), batch * in_features);
 
   for (const auto& [begin, end] : plan.runs) {
     at::Tensor columns = out.narrow(1, begin, end - begin);
@@ -309,7 +330,8 @@ void gather_forward(
         if (plan.gathered.empty()) {  // the runs are all there is: fill the dead columns
           std::vector<int64_t> dead;
           dead_rows(live, 0, width, dead);
-          cpu::parallel_for(0, batch, 16, [&](int64_t r0, int64_t r1) {
+          cpu::parallel_for(0, batch, copy_grain(static_cast<int64_t>(dead.size())),
+                            [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r) {
               for (const int64_t j : dead) {
                 o[r * width + j] = fill;
@@ -372,7 +394,7 @@ void gather_backward_input(
   const bool reduced = w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf;
   const at::ScalarType acc_type = reduced ? at::kFloat : w.scalar_type();
   const int64_t row_bytes = in_features * static_cast<int64_t>(at::elementSize(acc_type));
-  LivePlan plan = plan_live_rows(live_mask, width, row_bytes);
+  LivePlan plan = plan_live_rows(live_mask, width, row_bytes, batch * in_features);
   if (batch == 0 || in_features == 0 || plan.num_live == 0) {
     grad_input.zero_();
     return;
@@ -383,7 +405,8 @@ void gather_backward_input(
     return;
   }
   if (reduced) {
-    plan = plan_live_rows(live_mask, width, row_bytes, std::numeric_limits<int64_t>::max());
+    plan = plan_live_rows(
+        live_mask, width, row_bytes, batch * in_features, std::numeric_limits<int64_t>::max());
   }
 
   at::Tensor acc = at::zeros({batch, in_features}, w.options().dtype(acc_type));
@@ -423,7 +446,8 @@ at::Tensor gather_backward_weight(
   const int64_t batch = x.size(0);
   const int64_t width = g.size(1);
   const int64_t in_features = x.size(1);
-  const LivePlan plan = plan_live_rows(live_mask, width, in_features * x.element_size());
+  const LivePlan plan =
+      plan_live_rows(live_mask, width, in_features * x.element_size(), batch * in_features);
   if (batch == 0 || in_features == 0 || plan.num_live == 0) {
     return at::zeros({capacity, in_features}, x.options());
   }
@@ -436,7 +460,7 @@ at::Tensor gather_backward_weight(
         const uint8_t* live = mask_bytes(live_mask);
         // Rows that are not live get exact zeros.
         const auto zero_dead_rows = [&](int64_t begin, int64_t end) {
-          cpu::parallel_for(begin, end, 64, [&](int64_t r0, int64_t r1) {
+          cpu::parallel_for(begin, end, copy_grain(in_features), [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r) {
               if (r >= width || live[r] == 0) {
                 std::memset(gw + r * in_features, 0, in_features * sizeof(scalar_t));
