@@ -502,6 +502,26 @@ def test_gather_chunks_shared_between_threads(threads, dtype):
         check_against_reference("cpu", dtype, x, weight, bias, runs, 1100, what=f"runs, {threads} threads")
 
 
+@pytest.mark.parametrize("kind", ["random", "dense", "mixed", "single"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@growop.strategy("gather")
+def test_gather_threads_on_every_mask(kind, threads):
+    """Each mask of conftest's make_mask with enough work per gathered row (batch 32 x 1024
+    inputs) that the CPU kernels share its gathered rows between threads (at least 2^20
+    multiply-adds a share; "single" stays on one), with and without bias."""
+    gen = torch.Generator().manual_seed(13)
+    capacity = CAPACITY[kind]
+    active = make_mask(kind, capacity, gen)
+    x = torch.randn(32, 1024, generator=gen)
+    weight = torch.randn(capacity, 1024, generator=gen) / 32
+    bias = torch.randn(capacity, generator=gen)
+    with num_threads(threads):
+        for b in (bias, None):
+            check_against_reference(
+                "cpu", torch.float32, x, weight, b, active, capacity,
+                what=f"{kind}, {threads} threads, bias={b is not None}")
+
+
 # ------------------------------------- the paths only CUDA takes, run on the CPU
 
 
