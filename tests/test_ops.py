@@ -464,6 +464,64 @@ def test_large_weight_gradient(dtype, kind):
     assert torch.all(weight.grad[~active] == 1)
 
 
+@contextlib.contextmanager
+def num_threads(threads: int):
+    """torch's intra-op threads set to `threads` inside the block."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@growop.strategy("gather")
+def test_gather_chunks_shared_between_threads(threads, dtype):
+    """The CPU gather kernels cut the gathered rows into chunks (f32 rows of 1024 elements: at
+    most 1024 rows a chunk, so several per thread) and share them between torch's threads,
+    each chunk writing the output columns of its span: dead rows before, between and after
+    the chunks, a run multiplied in place among them, a width short of the capacity. The
+    input requires grad, which the threads' GEMMs must neither record nor refuse."""
+    gen = torch.Generator().manual_seed(12)
+    capacity, width, in_features = 6000, 5900, 1024
+    active = torch.rand(capacity, generator=gen) < 0.5
+    active[:40] = False
+    active[2000:2100] = True
+    active[5800:] = False
+    x = torch.randn(4, in_features, generator=gen).to(dtype)
+    weight = (torch.randn(capacity, in_features, generator=gen) / 32).to(dtype)
+    bias = torch.randn(capacity, generator=gen).to(dtype)
+    with num_threads(threads):
+        check_against_reference("cpu", dtype, x, weight, bias, active, width, what=f"{threads} threads")
+        # runs only: nothing gathered, the dead columns between and after them filled
+        runs = torch.zeros(capacity, dtype=torch.bool)
+        runs[100:300] = True
+        runs[400:1000] = True
+        check_against_reference("cpu", dtype, x, weight, bias, runs, 1100, what=f"runs, {threads} threads")
+
+
+@pytest.mark.parametrize("kind", ["random", "dense", "mixed", "single"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@growop.strategy("gather")
+def test_gather_threads_on_every_mask(kind, threads):
+    """Each mask of conftest's make_mask with enough work per gathered row (batch 32 x 1024
+    inputs) that the CPU kernels share its gathered rows between threads (at least 2^20
+    multiply-adds a share; "single" stays on one), with and without bias."""
+    gen = torch.Generator().manual_seed(13)
+    capacity = CAPACITY[kind]
+    active = make_mask(kind, capacity, gen)
+    x = torch.randn(32, 1024, generator=gen)
+    weight = torch.randn(capacity, 1024, generator=gen) / 32
+    bias = torch.randn(capacity, generator=gen)
+    with num_threads(threads):
+        for b in (bias, None):
+            check_against_reference(
+                "cpu", torch.float32, x, weight, b, active, capacity,
+                what=f"{kind}, {threads} threads, bias={b is not None}")
+
+
 # ------------------------------------- the paths only CUDA takes, run on the CPU
 
 
