@@ -139,6 +139,18 @@ def test_chunk_boundaries_do_not_matter(kind, chunk_size):
         _check_against_reference(kind, torch.float64, reduction, 0.1, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("tokens_per_chunk", [3, 13], ids=["per_piece", "resident"])
+def test_gathered_rows_once_per_call_or_a_piece_at_a_time(tokens_per_chunk):
+    """The "mixed" mask's gathered rows (its runs shorter than 64 on the CPU, all 598 live
+    rows in CUDA's packed plan), 7 features each, fit in a chunk's logits at 13 tokens: they
+    are gathered once per call; at 3 tokens they do not, and each class piece (50 rows, which
+    divides no count here) is gathered as it is used. Both give the reference's values."""
+    for run in (None, _forward_as_cuda, _backward_as_cuda):
+        for reduction in REDUCTIONS:
+            _check_against_reference("mixed", torch.float64, reduction, 0.1, chunk_size=(tokens_per_chunk, 50),
+                                     live_count=None if run is None else _live_count, run=run)
+
+
 def test_ignore_index_may_be_a_live_slot():
     """As in F.cross_entropy, ignore_index is compared with the target, even where it names a
     class: tokens whose target is that slot are ignored."""

@@ -6,11 +6,12 @@
 // taken a chunk at a time, and a chunk's logits are computed class piece by
 // class piece into one (chunk, K) buffer. A piece is a run of consecutive rows,
 // multiplied in place through a view of the weight, or a block of rows
-// gathered into a small scratch; dead rows and capacity slack never enter a
-// product. Per chunk, the buffer becomes the softmax (log-sum-exp in float32
-// for bfloat16/float16 input) and, when gradients are wanted, the gradient of
-// the logits in place, which the same pieces multiply into grad_input, the
-// weight gradient's rows and the bias gradient's: the three GEMMs of
+// gathered into a scratch (all of them once per call where they fit in a
+// chunk's memory, else a block at a time); dead rows and capacity slack never
+// enter a product. Per chunk, the buffer becomes the softmax (log-sum-exp in
+// float32 for bfloat16/float16 input) and, when gradients are wanted, the
+// gradient of the logits in place, which the same pieces multiply into
+// grad_input, the weight gradient's rows and the bias gradient's: the three GEMMs of
 // nn.Linear + F.cross_entropy, with extra memory bounded by a chunk. Every
 // term of a chunk's gradient (softmax, one-hot, label smoothing's uniform
 // part) is combined in the float32 buffer before it is rounded to a
@@ -295,7 +296,10 @@ struct Problem {
   Tensor weight_sum;     // () acc: sum of class_weight
   Tensor per_class;      // () acc: smoothing / (classes in the softmax), 0 if none
   Tensor column_bias;    // (K,) acc: each column's bias, or undefined
-  Tensor scratch;        // (gather rows, in): gathered weight rows
+  // Gathered weight rows: every gathered piece's, in packed order, gathered once
+  // per call (`resident`), or one piece's at a time, gathered as it is used.
+  Tensor scratch;
+  bool resident = false;
   const Piece* scratch_holds = nullptr;  // the piece whose rows the scratch holds
 
   bool low_precision() const {
@@ -306,6 +310,9 @@ struct Problem {
   Tensor piece_weight(const Piece& piece) {
     if (!piece.gathered()) {
       return weight.narrow(0, piece.slot, piece.count);
+    }
+    if (resident) {
+      return scratch.narrow(0, piece.packed, piece.count);
     }
     Tensor rows = scratch.narrow(0, 0, piece.count);
     if (scratch_holds != &piece) {
@@ -451,7 +458,7 @@ void run_chunks(Problem& p, const Tensor& lse_in, const Tensor& scale, Outputs& 
     const Tensor g = p.low_precision() ? z.copy_(f) : f;
     Tensor gi = out.grad_input.defined() ? out.grad_input.narrow(0, start, n) : Tensor();
     bool first = true;
-    // Last piece first: the scratch still holds its gathered rows.
+    // Last piece first: a scratch of one piece still holds its gathered rows.
     for (auto it = s.pieces.rbegin(); it != s.pieces.rend(); ++it) {
       const Piece& piece = *it;
       const Tensor gp = g.narrow(1, piece.column, piece.count);
@@ -642,7 +649,16 @@ Problem prepare(const Arguments& a) {
       gathered_rows = std::max(gathered_rows, piece.count);
     }
   }
-  p.scratch = at::empty({gathered_rows, p.x.size(1)}, p.weight.options());
+  // Every gathered row once per call, instead of each piece twice per chunk (its
+  // logits, then the input's gradient), where they take no more memory than a
+  // chunk's logits: the extra memory stays bounded by a chunk.
+  p.resident = s.gathered > 0 &&
+      s.gathered * p.x.size(1) <= std::min(p.chunk, tokens) * s.columns;
+  if (p.resident) {
+    p.scratch = p.weight.index_select(0, s.gathered_slots);
+  } else {
+    p.scratch = at::empty({gathered_rows, p.x.size(1)}, p.weight.options());
+  }
   return p;
 }
 
@@ -782,32 +798,13 @@ Arguments arguments(
           o.live_count, plan};
 }
 
-// The registered kernels' options, as the dispatcher passes them.
-ops::LossOptions loss_options(
-    const std::optional<Tensor>& classes, const std::optional<Tensor>& class_weight,
-    int64_t ignore_index, c10::string_view reduction, double label_smoothing,
-    c10::IntArrayRef chunk_size, std::optional<int64_t> live_count) {
-  TORCH_CHECK(
-      chunk_size.size() == 2,
-      kOp, ": chunk_size must be [tokens, classes], got ", chunk_size);
-  ops::LossOptions o;
-  o.classes = classes;
-  o.class_weight = class_weight;
-  o.ignore_index = ignore_index;
-  o.reduction = reduction;
-  o.label_smoothing = label_smoothing;
-  o.chunk_size = {chunk_size[0], chunk_size[1]};
-  o.live_count = live_count;
-  return o;
-}
-
 Tensor linear_cross_entropy_kernel(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
     const Tensor& active, const Tensor& target, int64_t width,
     const std::optional<Tensor>& classes, const std::optional<Tensor>& class_weight,
     int64_t ignore_index, c10::string_view reduction, double label_smoothing,
     c10::IntArrayRef chunk_size, std::optional<int64_t> live_count) {
-  const ops::LossOptions o = loss_options(
+  const ops::LossOptions o = ops::loss_options(
       classes, class_weight, ignore_index, reduction, label_smoothing, chunk_size, live_count);
   return std::get<0>(forward(
       arguments(input, weight, bias, active, target, width, o, Plan::kByDevice),
@@ -821,7 +818,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_forward_
     int64_t ignore_index, c10::string_view reduction, double label_smoothing,
     c10::IntArrayRef chunk_size, std::optional<int64_t> live_count,
     std::array<bool, 3> output_mask) {
-  const ops::LossOptions o = loss_options(
+  const ops::LossOptions o = ops::loss_options(
       classes, class_weight, ignore_index, reduction, label_smoothing, chunk_size, live_count);
   return forward(
       arguments(input, weight, bias, active, target, width, o, Plan::kByDevice), output_mask);
@@ -834,7 +831,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward_kernel(
     const std::optional<Tensor>& class_weight, int64_t ignore_index,
     c10::string_view reduction, double label_smoothing, c10::IntArrayRef chunk_size,
     std::optional<int64_t> live_count, std::array<bool, 3> output_mask) {
-  const ops::LossOptions o = loss_options(
+  const ops::LossOptions o = ops::loss_options(
       classes, class_weight, ignore_index, reduction, label_smoothing, chunk_size, live_count);
   return backward(
       arguments(input, weight, bias, active, target, width, o, Plan::kByDevice), grad_loss, lse,
