@@ -350,10 +350,14 @@ def measure_allocations(fn: Callable[[], Any], device: torch.device | str | None
     """Runs ``fn`` once and returns what it took: seconds, bytes allocated, peak bytes.
 
     CPU: torch's memory profiler. ``allocated`` sums every allocation torch made during the
-    call; ``peak`` is the highest net amount (allocations minus frees) reached, each event's
-    own memory counted once (an op's total includes the ops it calls), in the order the
-    events started. A block allocated before the call and freed inside it is not counted,
-    so ``peak`` never falls below zero for memory the call did not make.
+    call, each event's own memory counted once (an op's total includes the ops it calls);
+    ``peak`` is the highest net amount (allocations minus frees) reached, taking the
+    profiler's allocation and free records in the order they happened, so a temporary an
+    op frees before it returns counts while it lives (ordering whole events instead would
+    count an op's frees at its start, before its children allocate). A block allocated
+    before the call and freed inside it lowers the count only where an earlier profile saw
+    it allocated (torch's profiler knows no other block's size); ``peak`` never falls below
+    zero.
     CUDA: the caching allocator's statistics, the device synchronised around the call;
     ``peak`` is the most allocated at once during the call minus what was allocated
     before it. Host memory is not counted there.
@@ -373,12 +377,16 @@ def measure_allocations(fn: Callable[[], Any], device: torch.device | str | None
     with _without_profiler_noise():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             _, seconds = time_call(fn)
-        events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    total = peak = current = 0
-    for event in events:
-        change = event.self_cpu_memory_usage
-        if change > 0:
-            total += change
+        total = sum(max(event.self_cpu_memory_usage, 0) for event in prof.events())
+        # Each allocation and free as the profiler recorded it (what prof.events() folds into
+        # its ops' totals), in time order.
+        records = sorted(
+            (record.start_ns(), record.nbytes())
+            for record in prof.profiler.kineto_results.events()
+            if record.name() == "[memory]"
+        )
+    peak = current = 0
+    for _, change in records:
         current += change
         peak = max(peak, current)
     return Allocations(seconds, total, peak)

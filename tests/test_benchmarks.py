@@ -25,7 +25,7 @@ from growop.measure import CSV_FIELDS, PROFILER_NOISE
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-SCRIPTS = ("bench_linear_cpu", "bench_linear_cuda", "bench_optim", "bench_optim_hooks", "bench_vocab")
+SCRIPTS = ("bench_linear_cpu", "bench_linear_cuda", "bench_optim", "bench_optim_hooks", "bench_vocab", "bench_loss")
 
 
 def load(monkeypatch, name: str):
@@ -183,6 +183,56 @@ def test_vocab_benchmark_quick_mode_measures_without_profiler_noise(tmp_path):
     rows = read_rows(out)
     allocated = {r["provider"]: int(float(r["median"])) for r in rows if r["metric"] == "allocated"}
     assert allocated["hf_plain"] >= 8008 * 512 * 4 and allocated["growop_plain"] == 0
+
+
+def test_loss_benchmark_quick_mode_measures_every_provider_on_both_masks(tmp_path):
+    out = tmp_path / "loss.csv"
+    completed = run_script("bench_loss", "--quick", "--repeats", "2", "--csv", str(out))
+    assert "liger" in completed.stdout  # says whether Liger's column is there
+    for mask in ("prefix", "fragmented"):
+        assert f"cap 1250 {mask}" in completed.stdout
+    verdicts = [line for line in completed.stdout.splitlines() if line.strip().startswith("target fused")]
+    assert len(verdicts) == 2 * 3
+    rows = read_rows(out)
+    assert {r["provider"] for r in rows} == {"linear", "chunked", "growop", "fused"}
+    by_metric = {}
+    for r in rows:
+        by_metric.setdefault(r["metric"], set()).add((r["case"].rsplit(" ", 1)[1], r["provider"]))
+    every = {(m, p) for m in ("prefix", "fragmented") for p in ("linear", "chunked", "growop", "fused")}
+    assert by_metric["fb_time"] == by_metric["fb_extra_peak"] == every
+    assert by_metric["fb_ratio_vs_chunked"] == every - {(m, "chunked") for m in ("prefix", "fragmented")}
+    peaks = {(r["case"].rsplit(" ", 1)[1], r["provider"]): float(r["median"]) for r in rows
+             if r["metric"] == "fb_extra_peak"}
+    logits = 512 * 1000 * 4
+    for mask in ("prefix", "fragmented"):
+        # The plain path holds the logits, their log-softmax and their gradient; the fused
+        # loss one chunk's buffer (at 512 tokens, a single chunk: the logits once).
+        assert peaks[(mask, "linear")] >= 2 * logits
+        assert logits <= peaks[(mask, "fused")] < peaks[(mask, "linear")]
+
+
+def test_loss_benchmark_cuda_configuration_runs_on_the_cpu_at_toy_sizes(monkeypatch):
+    """The --device cuda path (bfloat16, Liger where it runs) on the CPU: every provider's
+    loss agrees with nn.Linear + F.cross_entropy's, and the table prints."""
+    module = load(monkeypatch, "bench_loss")
+    liger, note = module.liger_loss("cpu")
+    assert liger is None and "no liger column" in note
+    toy = module.Case(48, 16, 40, "bf16")
+    for mask in module.MASKS:
+        result = module.run_case(toy, mask, device="cpu", repeats=1, warmup=0)
+        assert set(result.peak) == set(result.timings) == {"linear", "chunked", "growop", "fused"}
+        assert any("fused <= 1.10x linear" in line for line in result.lines())
+    with pytest.raises(AssertionError, match="fused's loss .* differs from linear's"):
+        module.check_agreement({"linear": torch.tensor(2.0), "fused": torch.tensor(2.1)}, torch.bfloat16)
+
+
+def test_loss_benchmark_llama_quick_mode_compares_stock_and_fused_memory(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "llama.csv"
+    completed = run_script("bench_loss", "--quick", "--llama", "--csv", str(out))
+    assert "make_growable(fused)" in completed.stdout
+    peaks = {r["provider"]: float(r["median"]) for r in read_rows(out)}
+    assert peaks["fused"] < peaks["stock"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -58,7 +58,10 @@ def _assert_close_scaled(actual, expected, dtype, what, floor):
 
 def _check_against_reference(kind, dtype, reduction, smoothing, *, bias=True, classes=None,
                              class_weight=None, chunk_size=(5, 7), ignore_index=-100, seed=0,
-                             live_count=None):
+                             live_count=None, run=None):
+    """The loss and its gradients (of the loss's sum) against the reference's; `run`, where
+    given, computes them instead of growop.linear_cross_entropy's autograd: run(x, weight,
+    bias, target, active, width, chunk_size, live_count, **options) -> (loss, grads)."""
     weight, b, active, width, x, target = _problem(kind, dtype, bias=bias, classes=classes, seed=seed)
     if ignore_index != -100:
         target = torch.where(target == -100, ignore_index, target)
@@ -75,7 +78,11 @@ def _check_against_reference(kind, dtype, reduction, smoothing, *, bias=True, cl
         return reference.linear_cross_entropy(x, w, rest[0] if rest else None, active, target, width,
                                               **options)
 
-    loss, grads = _loss_and_grads(fused, x, weight, b)
+    if run is None:
+        loss, grads = _loss_and_grads(fused, x, weight, b)
+    else:
+        loss, grads = run(x, weight, b, target, active, width, chunk_size,
+                          live_count(active, width) if live_count else None, **options)
     expected_loss, expected_grads = _loss_and_grads(
         plain, x.double(), weight.double(), None if b is None else b.double())
     assert loss.dtype == (torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype)
@@ -132,6 +139,18 @@ def test_chunk_boundaries_do_not_matter(kind, chunk_size):
         _check_against_reference(kind, torch.float64, reduction, 0.1, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("tokens_per_chunk", [3, 13], ids=["per_piece", "resident"])
+def test_gathered_rows_once_per_call_or_a_piece_at_a_time(tokens_per_chunk):
+    """The "mixed" mask's gathered rows (its runs shorter than 64 on the CPU, all 598 live
+    rows in CUDA's packed plan), 7 features each, fit in a chunk's logits at 13 tokens: they
+    are gathered once per call; at 3 tokens they do not, and each class piece (50 rows, which
+    divides no count here) is gathered as it is used. Both give the reference's values."""
+    for run in (None, _forward_as_cuda, _backward_as_cuda):
+        for reduction in REDUCTIONS:
+            _check_against_reference("mixed", torch.float64, reduction, 0.1, chunk_size=(tokens_per_chunk, 50),
+                                     live_count=None if run is None else _live_count, run=run)
+
+
 def test_ignore_index_may_be_a_live_slot():
     """As in F.cross_entropy, ignore_index is compared with the target, even where it names a
     class: tokens whose target is that slot are ignored."""
@@ -185,11 +204,32 @@ def test_many_dimensional_input():
 # ----------------------------------------------------------------------------- CUDA's way, on the CPU
 
 
-@pytest.fixture
-def as_cuda(monkeypatch):
-    """The kernels plan as on CUDA: nothing read on the host (the classes' count from the live
-    count or from classes), checks as device-side asserts (on the CPU, errors)."""
-    monkeypatch.setenv("GROWOP_LOSS_PLAN_AS_CUDA", "1")
+LOSS_AS_CUDA = growop.ops._module._testing.loss_as_cuda
+
+
+def _options_as_cuda(chunk_size, live_count, classes, **options):
+    """The keywords of _testing.loss_as_cuda, from _check_against_reference's."""
+    chunk = (chunk_size, 0) if isinstance(chunk_size, int) else tuple(chunk_size)
+    classes = None if classes is None else torch.as_tensor(classes)
+    return dict(options, classes=classes, chunk_size=chunk, live_count=live_count)
+
+
+def _forward_as_cuda(x, weight, b, target, active, width, chunk_size, live_count, **options):
+    """The gradients the forward computes (of the loss's sum), CUDA's plan on the CPU."""
+    keywords = _options_as_cuda(chunk_size, live_count, **options)
+    loss, _, *grads = LOSS_AS_CUDA(x, weight, b, active, target, width, **keywords)
+    return loss, grads[: 2 if b is None else 3]
+
+
+def _backward_as_cuda(x, weight, b, target, active, width, chunk_size, live_count, **options):
+    """The gradients the backward recomputes from the forward's log-sum-exps, for a gradient
+    of ones (the loss's sum), CUDA's plan on the CPU."""
+    keywords = _options_as_cuda(chunk_size, live_count, **options)
+    loss, lse, *_ = LOSS_AS_CUDA(x, weight, b, active, target, width, output_mask=(False, False, False),
+                                 **keywords)
+    grads = LOSS_AS_CUDA(x, weight, b, active, target, width, backward=(torch.ones_like(loss), lse),
+                         **keywords)
+    return loss, grads[: 2 if b is None else 3]
 
 
 def _live_count(active, width):
@@ -205,10 +245,11 @@ CUDA_PLANS = {
 }
 
 
+@pytest.mark.parametrize("run", [_forward_as_cuda, _backward_as_cuda], ids=["forward", "backward"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("plan", CUDA_PLANS)
-def test_cuda_plan_matches_reference(as_cuda, plan, reduction, dtype):
+def test_cuda_plan_matches_reference(plan, reduction, dtype, run):
     kind, counted, subset = CUDA_PLANS[plan]
     _, _, active, width, _, _ = _problem(kind)
     live = active[:width].nonzero().squeeze(1)
@@ -216,10 +257,11 @@ def test_cuda_plan_matches_reference(as_cuda, plan, reduction, dtype):
     class_weight = torch.rand(width, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
     for smoothing in (0.0, 0.1):
         _check_against_reference(kind, dtype, reduction, smoothing, classes=classes,
-                                 class_weight=class_weight, live_count=_live_count if counted else None)
+                                 class_weight=class_weight, live_count=_live_count if counted else None,
+                                 run=run)
 
 
-def test_cuda_plan_checks_on_the_device(as_cuda):
+def test_cuda_plan_checks_on_the_device():
     weight, b, active, width, x, target = _problem("random")
     live = active[:width].nonzero().squeeze(1)
     dead = (~active[:width]).nonzero().squeeze(1)
@@ -236,7 +278,7 @@ def test_cuda_plan_checks_on_the_device(as_cuda):
     ]
     for t, kwargs, message in cases:
         with pytest.raises(RuntimeError, match=message):
-            growop.linear_cross_entropy(x, weight, t, b, active=active, out_features=width, **kwargs)
+            LOSS_AS_CUDA(x, weight, b, active, t, width, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the layer

@@ -247,17 +247,8 @@ Tensor linear_cross_entropy_autograd(
         at::GradMode::is_enabled()),
       "growop.linear_cross_entropy: the loss is not differentiable in class_weight "
       "(nor is F.cross_entropy's in its weight); pass class_weight.detach()");
-  TORCH_CHECK(
-      chunk_size.size() == 2,
-      "growop.linear_cross_entropy: chunk_size must be [tokens, classes], got ", chunk_size);
-  ops::LossOptions o;
-  o.classes = classes;
-  o.class_weight = class_weight;
-  o.ignore_index = ignore_index;
-  o.reduction = reduction;
-  o.label_smoothing = label_smoothing;
-  o.chunk_size = {chunk_size[0], chunk_size[1]};
-  o.live_count = live_count;
+  const ops::LossOptions o = ops::loss_options(
+      classes, class_weight, ignore_index, reduction, label_smoothing, chunk_size, live_count);
 
   if (!torch::autograd::compute_requires_grad(input, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;

@@ -6,11 +6,12 @@
 // taken a chunk at a time, and a chunk's logits are computed class piece by
 // class piece into one (chunk, K) buffer. A piece is a run of consecutive rows,
 // multiplied in place through a view of the weight, or a block of rows
-// gathered into a small scratch; dead rows and capacity slack never enter a
-// product. Per chunk, the buffer becomes the softmax (log-sum-exp in float32
-// for bfloat16/float16 input) and, when gradients are wanted, the gradient of
-// the logits in place, which the same pieces multiply into grad_input, the
-// weight gradient's rows and the bias gradient's: the three GEMMs of
+// gathered into a scratch (all of them once per call where they fit in a
+// chunk's memory, else a block at a time); dead rows and capacity slack never
+// enter a product. Per chunk, the buffer becomes the softmax (log-sum-exp in
+// float32 for bfloat16/float16 input) and, when gradients are wanted, the
+// gradient of the logits in place, which the same pieces multiply into
+// grad_input, the weight gradient's rows and the bias gradient's: the three GEMMs of
 // nn.Linear + F.cross_entropy, with extra memory bounded by a chunk. Every
 // term of a chunk's gradient (softmax, one-hot, label smoothing's uniform
 // part) is combined in the float32 buffer before it is rounded to a
@@ -19,8 +20,11 @@
 // On the CPU the mask, the classes and the targets are read on the host; a
 // bad target is an IndexError naming it. CUDA reads nothing on the host: the
 // classes' count comes from the caller (live_count, or the length of
-// classes), and the checks are device-side asserts. GROWOP_LOSS_PLAN_AS_CUDA=1
-// makes the CPU take CUDA's way too, so the tests run it where no GPU is.
+// classes), and the checks are device-side asserts. Plan::kAsCuda makes the
+// CPU take CUDA's way too (through the test-only bindings of
+// csrc/python/testing.cpp), so the tests run it where no GPU is.
+#include "linear_cross_entropy_kernel.h"
+
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
@@ -29,7 +33,6 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <string_view>
@@ -37,6 +40,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../ops/linear_cross_entropy.h"
 #include "../packed.h"
 
 namespace growop::loss {
@@ -292,7 +296,10 @@ struct Problem {
   Tensor weight_sum;     // () acc: sum of class_weight
   Tensor per_class;      // () acc: smoothing / (classes in the softmax), 0 if none
   Tensor column_bias;    // (K,) acc: each column's bias, or undefined
-  Tensor scratch;        // (gather rows, in): gathered weight rows
+  // Gathered weight rows: every gathered piece's, in packed order, gathered once
+  // per call (`resident`), or one piece's at a time, gathered as it is used.
+  Tensor scratch;
+  bool resident = false;
   const Piece* scratch_holds = nullptr;  // the piece whose rows the scratch holds
 
   bool low_precision() const {
@@ -303,6 +310,9 @@ struct Problem {
   Tensor piece_weight(const Piece& piece) {
     if (!piece.gathered()) {
       return weight.narrow(0, piece.slot, piece.count);
+    }
+    if (resident) {
+      return scratch.narrow(0, piece.packed, piece.count);
     }
     Tensor rows = scratch.narrow(0, 0, piece.count);
     if (scratch_holds != &piece) {
@@ -448,7 +458,7 @@ void run_chunks(Problem& p, const Tensor& lse_in, const Tensor& scale, Outputs& 
     const Tensor g = p.low_precision() ? z.copy_(f) : f;
     Tensor gi = out.grad_input.defined() ? out.grad_input.narrow(0, start, n) : Tensor();
     bool first = true;
-    // Last piece first: the scratch still holds its gathered rows.
+    // Last piece first: a scratch of one piece still holds its gathered rows.
     for (auto it = s.pieces.rbegin(); it != s.pieces.rend(); ++it) {
       const Piece& piece = *it;
       const Tensor gp = g.narrow(1, piece.column, piece.count);
@@ -490,15 +500,6 @@ void spread_row_gradients(const Problem& p, Outputs& out) {
   }
 }
 
-// Whether the mask, the classes and the targets may be read on the host.
-bool reads_on_host(const Tensor& weight) {
-  if (!weight.is_cpu()) {
-    return false;
-  }
-  const char* as_cuda = std::getenv("GROWOP_LOSS_PLAN_AS_CUDA");
-  return as_cuda == nullptr || std::string_view(as_cuda) != "1";
-}
-
 struct Arguments {
   const Tensor& input;
   const Tensor& weight;
@@ -513,6 +514,12 @@ struct Arguments {
   double label_smoothing;
   c10::IntArrayRef chunk_size;
   std::optional<int64_t> live_count;
+  Plan plan;
+
+  // Whether the mask, the classes and the targets may be read on the host.
+  bool reads_on_host() const {
+    return weight.is_cpu() && plan == Plan::kByDevice;
+  }
 };
 
 at::ScalarType accumulation_dtype(at::ScalarType dtype) {
@@ -578,7 +585,7 @@ Problem prepare(const Arguments& a) {
   const int64_t view_block =
       a.chunk_size[1] > 0 ? a.chunk_size[1] : std::numeric_limits<int64_t>::max();
   const Tensor target = a.target.reshape({-1});
-  const bool on_host = reads_on_host(a.weight);
+  const bool on_host = a.reads_on_host();
   if (on_host) {
     p.softmax = plan_on_host(host_slots(a.active, a.width, a.classes), a.width, view_block, gather_block);
     check_targets_on_host(target, a.active, p.softmax, a.width, a.ignore_index, a.classes.has_value());
@@ -642,7 +649,16 @@ Problem prepare(const Arguments& a) {
       gathered_rows = std::max(gathered_rows, piece.count);
     }
   }
-  p.scratch = at::empty({gathered_rows, p.x.size(1)}, p.weight.options());
+  // Every gathered row once per call, instead of each piece twice per chunk (its
+  // logits, then the input's gradient), where they take no more memory than a
+  // chunk's logits: the extra memory stays bounded by a chunk.
+  p.resident = s.gathered > 0 &&
+      s.gathered * p.x.size(1) <= std::min(p.chunk, tokens) * s.columns;
+  if (p.resident) {
+    p.scratch = p.weight.index_select(0, s.gathered_slots);
+  } else {
+    p.scratch = at::empty({gathered_rows, p.x.size(1)}, p.weight.options());
+  }
   return p;
 }
 
@@ -735,69 +751,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward(
           returned(out.grad_bias, a.weight)};
 }
 
-Arguments arguments(
-    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
-    const Tensor& active, const Tensor& target, int64_t width,
-    const std::optional<Tensor>& classes, const std::optional<Tensor>& class_weight,
-    int64_t ignore_index, std::string_view reduction, double label_smoothing,
-    c10::IntArrayRef chunk_size, std::optional<int64_t> live_count) {
-  return {input, weight, bias, active, target, width, classes, class_weight, ignore_index,
-          parse_reduction(reduction), label_smoothing, chunk_size, live_count};
-}
-
-Tensor linear_cross_entropy_kernel(
-    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
-    const Tensor& active, const Tensor& target, int64_t width,
-    const std::optional<Tensor>& classes, const std::optional<Tensor>& class_weight,
-    int64_t ignore_index, c10::string_view reduction, double label_smoothing,
-    c10::IntArrayRef chunk_size, std::optional<int64_t> live_count) {
-  return std::get<0>(forward(
-      arguments(input, weight, bias, active, target, width, classes, class_weight,
-                ignore_index, reduction, label_smoothing, chunk_size, live_count),
-      {false, false, false}));
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_forward_kernel(
-    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
-    const Tensor& active, const Tensor& target, int64_t width,
-    const std::optional<Tensor>& classes, const std::optional<Tensor>& class_weight,
-    int64_t ignore_index, c10::string_view reduction, double label_smoothing,
-    c10::IntArrayRef chunk_size, std::optional<int64_t> live_count,
+std::tuple<Tensor, Tensor, Tensor> backward(
+    const Arguments& a, const Tensor& grad_loss, const Tensor& lse,
     std::array<bool, 3> output_mask) {
-  return forward(
-      arguments(input, weight, bias, active, target, width, classes, class_weight,
-                ignore_index, reduction, label_smoothing, chunk_size, live_count),
-      output_mask);
-}
-
-std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward_kernel(
-    const Tensor& grad_loss, const Tensor& input, const Tensor& weight,
-    const std::optional<Tensor>& bias, const Tensor& active, const Tensor& target,
-    const Tensor& lse, int64_t width, const std::optional<Tensor>& classes,
-    const std::optional<Tensor>& class_weight, int64_t ignore_index,
-    c10::string_view reduction, double label_smoothing, c10::IntArrayRef chunk_size,
-    std::optional<int64_t> live_count, std::array<bool, 3> output_mask) {
-  const Arguments a = arguments(
-      input, weight, bias, active, target, width, classes, class_weight, ignore_index,
-      reduction, label_smoothing, chunk_size, live_count);
   check_arguments(a);
-  c10::OptionalDeviceGuard guard(weight.device());
-  const int64_t tokens = target.numel();
-  const at::ScalarType acc = accumulation_dtype(weight.scalar_type());
+  c10::OptionalDeviceGuard guard(a.weight.device());
+  const int64_t tokens = a.target.numel();
+  const at::ScalarType acc = accumulation_dtype(a.weight.scalar_type());
   TORCH_CHECK(
       lse.dim() == 1 && lse.size(0) == tokens && lse.scalar_type() == acc &&
-          lse.device() == weight.device(),
+          lse.device() == a.weight.device(),
       kOp, ": lse must be the forward's (", tokens, ",) ", acc, " log-sum-exps, got ",
       lse.scalar_type(), " of shape ", lse.sizes());
-  const auto expected = a.reduction == Reduction::kNone ? target.sizes() : c10::IntArrayRef{};
+  const auto expected = a.reduction == Reduction::kNone ? a.target.sizes() : c10::IntArrayRef{};
   TORCH_CHECK(
-      grad_loss.sizes() == expected && grad_loss.device() == weight.device(),
+      grad_loss.sizes() == expected && grad_loss.device() == a.weight.device(),
       kOp, ": grad_loss must have the loss's shape ", expected, ", got ", grad_loss.sizes());
   Problem p = prepare(a);
   Outputs out = allocate_outputs(a, p, output_mask, /*with_losses=*/false);
   Tensor grad_input_rows = out.grad_input;
   if (out.grad_input.defined()) {
-    out.grad_input = out.grad_input.view({-1, input.size(-1)});
+    out.grad_input = out.grad_input.view({-1, a.input.size(-1)});
   }
   const Tensor g = grad_loss.to(acc);
   const Tensor scale = a.reduction == Reduction::kNone
@@ -811,11 +785,77 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward_kernel(
     out.grad_input.zero_();
   }
   spread_row_gradients(p, out);
-  return {returned(grad_input_rows, weight), returned(out.grad_weight, weight),
-          returned(out.grad_bias, weight)};
+  return {returned(grad_input_rows, a.weight), returned(out.grad_weight, a.weight),
+          returned(out.grad_bias, a.weight)};
+}
+
+Arguments arguments(
+    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+    const Tensor& active, const Tensor& target, int64_t width, const ops::LossOptions& o,
+    Plan plan) {
+  return {input, weight, bias, active, target, width, o.classes, o.class_weight,
+          o.ignore_index, parse_reduction(o.reduction), o.label_smoothing, o.chunk_size,
+          o.live_count, plan};
+}
+
+Tensor linear_cross_entropy_kernel(
+    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+    const Tensor& active, const Tensor& target, int64_t width,
+    const std::optional<Tensor>& classes, const std::optional<Tensor>& class_weight,
+    int64_t ignore_index, c10::string_view reduction, double label_smoothing,
+    c10::IntArrayRef chunk_size, std::optional<int64_t> live_count) {
+  const ops::LossOptions o = ops::loss_options(
+      classes, class_weight, ignore_index, reduction, label_smoothing, chunk_size, live_count);
+  return std::get<0>(forward(
+      arguments(input, weight, bias, active, target, width, o, Plan::kByDevice),
+      {false, false, false}));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_forward_kernel(
+    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+    const Tensor& active, const Tensor& target, int64_t width,
+    const std::optional<Tensor>& classes, const std::optional<Tensor>& class_weight,
+    int64_t ignore_index, c10::string_view reduction, double label_smoothing,
+    c10::IntArrayRef chunk_size, std::optional<int64_t> live_count,
+    std::array<bool, 3> output_mask) {
+  const ops::LossOptions o = ops::loss_options(
+      classes, class_weight, ignore_index, reduction, label_smoothing, chunk_size, live_count);
+  return forward(
+      arguments(input, weight, bias, active, target, width, o, Plan::kByDevice), output_mask);
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward_kernel(
+    const Tensor& grad_loss, const Tensor& input, const Tensor& weight,
+    const std::optional<Tensor>& bias, const Tensor& active, const Tensor& target,
+    const Tensor& lse, int64_t width, const std::optional<Tensor>& classes,
+    const std::optional<Tensor>& class_weight, int64_t ignore_index,
+    c10::string_view reduction, double label_smoothing, c10::IntArrayRef chunk_size,
+    std::optional<int64_t> live_count, std::array<bool, 3> output_mask) {
+  const ops::LossOptions o = ops::loss_options(
+      classes, class_weight, ignore_index, reduction, label_smoothing, chunk_size, live_count);
+  return backward(
+      arguments(input, weight, bias, active, target, width, o, Plan::kByDevice), grad_loss, lse,
+      output_mask);
 }
 
 }  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward(
+    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+    const Tensor& active, const Tensor& target, int64_t width, const ops::LossOptions& options,
+    std::array<bool, 3> output_mask, Plan plan) {
+  return forward(arguments(input, weight, bias, active, target, width, options, plan), output_mask);
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward(
+    const Tensor& grad_loss, const Tensor& input, const Tensor& weight,
+    const std::optional<Tensor>& bias, const Tensor& active, const Tensor& target,
+    const Tensor& lse, int64_t width, const ops::LossOptions& options,
+    std::array<bool, 3> output_mask, Plan plan) {
+  return backward(
+      arguments(input, weight, bias, active, target, width, options, plan), grad_loss, lse,
+      output_mask);
+}
 
 TORCH_LIBRARY_IMPL(growop, CPU, m) {
   m.impl("linear_cross_entropy", &linear_cross_entropy_kernel);

@@ -49,6 +49,28 @@ namespace growop::ops {
 
 using at::Tensor;
 
+LossOptions loss_options(
+    const std::optional<Tensor>& classes,
+    const std::optional<Tensor>& class_weight,
+    int64_t ignore_index,
+    std::string_view reduction,
+    double label_smoothing,
+    c10::IntArrayRef chunk_size,
+    std::optional<int64_t> live_count) {
+  TORCH_CHECK(
+      chunk_size.size() == 2,
+      "growop.linear_cross_entropy: chunk_size must be [tokens, classes], got ", chunk_size);
+  LossOptions o;
+  o.classes = classes;
+  o.class_weight = class_weight;
+  o.ignore_index = ignore_index;
+  o.reduction = reduction;
+  o.label_smoothing = label_smoothing;
+  o.chunk_size = {chunk_size[0], chunk_size[1]};
+  o.live_count = live_count;
+  return o;
+}
+
 Tensor linear_cross_entropy(
     const Tensor& input,
     const Tensor& weight,

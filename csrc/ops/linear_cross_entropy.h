@@ -23,6 +23,16 @@ struct LossOptions {
   std::optional<int64_t> live_count;
 };
 
+// The options as the ops' schemas pass them; chunk_size must have two entries.
+LossOptions loss_options(
+    const std::optional<at::Tensor>& classes,
+    const std::optional<at::Tensor>& class_weight,
+    int64_t ignore_index,
+    std::string_view reduction,
+    double label_smoothing,
+    c10::IntArrayRef chunk_size,
+    std::optional<int64_t> live_count);
+
 at::Tensor linear_cross_entropy(
     const at::Tensor& input,
     const at::Tensor& weight,

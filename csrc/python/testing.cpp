@@ -12,19 +12,31 @@
 // that bound: with live_count == live_end < width it is CUDA's prefix form
 // (one GEMM into the output's first live_end columns, the rest filled).
 // Dense checks the hints against the mask as CUDA does (dense::hinted_rows).
+//
+// loss_as_cuda(input, weight, bias, active, target, width, classes=None,
+// class_weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+// chunk_size=(0, 0), live_count=None, output_mask=(True, True, True),
+// backward=None): the linear cross-entropy kernels planned as on CUDA (nothing
+// read on the host, checks as device-side asserts) on tensors of any device.
+// Without `backward`, _linear_cross_entropy_forward's (loss, lse, grad_input,
+// grad_weight, grad_bias); with backward=(grad_loss, lse),
+// _linear_cross_entropy_backward's (grad_input, grad_weight, grad_bias).
 #include "testing.h"
 
 #include <pybind11/pybind11.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <array>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "../dense.h"
+#include "../loss/linear_cross_entropy_kernel.h"
 #include "../packed.h"
 
 namespace growop::python {
@@ -178,6 +190,92 @@ PyObject* path_linear_backward_binding(PyObject* /*module*/, PyObject* args, PyO
   END_HANDLE_TH_ERRORS
 }
 
+// An optional tensor argument: None, or a tensor; else a TypeError is set.
+bool optional_tensor(PyObject* object, std::optional<at::Tensor>& value) {
+  if (object == nullptr || object == Py_None) {
+    value = std::nullopt;
+    return true;
+  }
+  if (!all_tensors({{object, false}})) {
+    return false;
+  }
+  value = THPVariable_Unpack(object);
+  return true;
+}
+
+PyObject* loss_as_cuda_binding(PyObject* /*module*/, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {
+      "input", "weight", "bias", "active", "target", "width", "classes", "class_weight",
+      "ignore_index", "reduction", "label_smoothing", "chunk_size", "live_count",
+      "output_mask", "backward", nullptr};
+  PyObject* input = nullptr;
+  PyObject* weight = nullptr;
+  PyObject* bias = nullptr;
+  PyObject* active = nullptr;
+  PyObject* target = nullptr;
+  long long width = 0;
+  PyObject* classes_object = nullptr;
+  PyObject* class_weight_object = nullptr;
+  long long ignore_index = -100;
+  const char* reduction = "mean";
+  double label_smoothing = 0.0;
+  long long chunk_tokens = 0;
+  long long chunk_classes = 0;
+  PyObject* live_count_object = nullptr;
+  int need_input = 1;
+  int need_weight = 1;
+  int need_bias = 1;
+  PyObject* grad_loss = nullptr;
+  PyObject* lse = nullptr;
+  ops::LossOptions options;
+  std::optional<at::Tensor> bias_tensor;
+  if (!PyArg_ParseTupleAndKeywords(
+          args, kwargs, "OOOOOL|OOLsd(LL)O(ppp)(OO)", const_cast<char**>(keywords), &input,
+          &weight, &bias, &active, &target, &width, &classes_object, &class_weight_object,
+          &ignore_index, &reduction, &label_smoothing, &chunk_tokens, &chunk_classes,
+          &live_count_object, &need_input, &need_weight, &need_bias, &grad_loss, &lse) ||
+      !all_tensors({{input, false}, {weight, false}, {active, false}, {target, false}}) ||
+      !optional_tensor(bias, bias_tensor) || !optional_tensor(classes_object, options.classes) ||
+      !optional_tensor(class_weight_object, options.class_weight) ||
+      !optional_int(live_count_object, options.live_count) ||
+      (grad_loss != nullptr && !all_tensors({{grad_loss, false}, {lse, false}}))) {
+    return nullptr;
+  }
+  HANDLE_TH_ERRORS
+  options.ignore_index = ignore_index;
+  options.reduction = reduction;
+  options.label_smoothing = label_smoothing;
+  options.chunk_size = {chunk_tokens, chunk_classes};
+  const std::array<bool, 3> output_mask = {need_input != 0, need_weight != 0, need_bias != 0};
+  const at::Tensor x = THPVariable_Unpack(input);
+  const at::Tensor w = THPVariable_Unpack(weight);
+  const at::Tensor mask = THPVariable_Unpack(active);
+  const at::Tensor t = THPVariable_Unpack(target);
+  std::vector<at::Tensor> results;
+  {
+    pybind11::gil_scoped_release no_gil;
+    if (grad_loss == nullptr) {
+      auto [loss, lse_out, gi, gw, gb] = loss::forward(
+          x, w, bias_tensor, mask, t, width, options, output_mask, loss::Plan::kAsCuda);
+      results = {loss, lse_out, gi, gw, gb};
+    } else {
+      auto [gi, gw, gb] = loss::backward(
+          THPVariable_Unpack(grad_loss), x, w, bias_tensor, mask, t, THPVariable_Unpack(lse),
+          width, options, output_mask, loss::Plan::kAsCuda);
+      results = {gi, gw, gb};
+    }
+  }
+  PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(results.size()));
+  if (tuple == nullptr) {
+    return nullptr;
+  }
+  for (size_t i = 0; i < results.size(); ++i) {
+    PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), THPVariable_Wrap(std::move(results[i])));
+  }
+  return tuple;
+  END_HANDLE_TH_ERRORS
+}
+
 // A METH_KEYWORDS function as PyMethodDef holds it (CPython's convention).
 PyCFunction with_keywords(PyCFunctionWithKeywords function) {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(function));
@@ -189,6 +287,8 @@ PyMethodDef methods[] = {
     {"path_linear_backward", with_keywords(path_linear_backward_binding),
      METH_VARARGS | METH_KEYWORDS,
      "one path of masked_linear's backward on any device; for tests only"},
+    {"loss_as_cuda", with_keywords(loss_as_cuda_binding), METH_VARARGS | METH_KEYWORDS,
+     "the linear cross-entropy kernels planned as on CUDA, on any device; for tests only"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
