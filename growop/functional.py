@@ -86,7 +86,10 @@ def linear_cross_entropy(
     target's position in ``C``: columns of dead rows and of slots past ``out_features``
     never enter the softmax (nor does label smoothing spread onto them, which gives ``inf``
     when ``F.cross_entropy`` sees masked columns). The ``(tokens, capacity)`` logits are
-    never made: tokens are taken a chunk at a time, so extra memory is bounded by a chunk.
+    never made: tokens are taken a chunk at a time, so working memory is bounded by a chunk.
+    With gradients enabled, a ``"mean"`` or ``"sum"`` loss computes its gradients in the
+    forward and holds them until the backward (compute losses you will not backpropagate
+    under ``torch.no_grad()``).
 
     Args:
         input: ``(*, in_features)``.

@@ -433,6 +433,36 @@ def test_retained_graph_backward_twice_gives_the_same_gradients():
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("change", ["weight", "grow", "deactivate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_changes_between_forward_and_backward_raise_as_for_the_plain_path(reduction, dtype, change):
+    """A weight changed in place, or a mask changed (grow, deactivate), between the
+    forward and the backward is autograd's in-place error, as for head(x) + F.cross_entropy,
+    whichever way the gradients are computed (in the forward for 'mean'/'sum' in float32, by
+    recomputation for 'none' and float16)."""
+    torch.manual_seed(0)
+    head = growop.GrowLinear(5, 6, capacity=8, dtype=dtype)
+    x = torch.randn(4, 5, dtype=dtype, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3])
+    for loss_of in (lambda: head.cross_entropy(x, target, reduction=reduction),
+                    lambda: F.cross_entropy(head(x).float(), target, reduction=reduction)):
+        loss = loss_of().sum()
+        with torch.no_grad():
+            if change == "weight":
+                head.weight.mul_(2)
+        if change == "grow":
+            head.grow(1)
+        elif change == "deactivate":
+            head.deactivate([5])
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        if change == "grow":
+            head.deactivate([6])
+        elif change == "deactivate":
+            head.reactivate([5])
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck(reduction):
     weight, b, active, width, x, target = _problem("random", tokens=5)

@@ -117,6 +117,13 @@ struct SavedOptions {
 struct LinearCrossEntropyBackward : public Node {
   std::array<SavedVariable, 3> saved;  // grad_input, grad_weight, grad_bias
   std::array<bool, 3> computed{};
+  // Not read, only unpacked: the weight, bias and mask are saved so that
+  // autograd's version check refuses a weight changed in place or a mask
+  // changed (a grow, a deactivate) between forward and backward, as it does
+  // for the recomputing node and for head(x) + F.cross_entropy. They are the
+  // layer's own tensors, so saving them holds no memory.
+  std::array<SavedVariable, 3> checked;  // weight, bias, active
+  std::array<bool, 3> has_checked{};
   // Set when the engine will release the saved gradients after this apply
   // (the graph is not retained): they are scaled in place and handed on, with
   // no second gradient-sized allocation.
@@ -134,6 +141,9 @@ struct LinearCrossEntropyBackward : public Node {
     for (auto& s : saved) {
       s.reset_data();
     }
+    for (auto& s : checked) {
+      s.reset_data();
+    }
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -141,6 +151,11 @@ struct LinearCrossEntropyBackward : public Node {
     const Tensor& g = grads[0];
     if (!g.defined()) {
       return result;
+    }
+    for (size_t i = 0; i < 3; ++i) {
+      if (has_checked[i]) {
+        checked[i].unpack();  // raises if the tensor changed in place since the forward
+      }
     }
     {
       at::AutoGradMode no_grad(false);
@@ -276,6 +291,14 @@ Tensor linear_cross_entropy_autograd(
         grad_fn->saved[i] = SavedVariable(grads[i], false);
       }
     }
+    grad_fn->checked[0] = SavedVariable(weight, false);
+    grad_fn->has_checked[0] = true;
+    if (has_bias) {
+      grad_fn->checked[1] = SavedVariable(*bias, false);
+      grad_fn->has_checked[1] = true;
+    }
+    grad_fn->checked[2] = SavedVariable(active, false);
+    grad_fn->has_checked[2] = true;
     torch::autograd::set_history(loss, grad_fn);
   } else {
     auto grad_fn = make_node<LinearCrossEntropyRecomputeBackward>();
