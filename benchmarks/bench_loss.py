@@ -28,7 +28,7 @@ Memory first, one untimed call each: the extra peak over the weights and the inp
 (growop.measure.measure_allocations: torch's memory profiler on the CPU, the caching
 allocator on CUDA), and a check that every provider computes the same loss. Then time:
 rounds interleaved, a ratio the median of the rounds' own ratios, flagged ``?`` or withheld
-(``noisy``) when its p20..p80 spread is wide (see growop.measure). The targets (issue 18) are
+(``noisy``) when its p20..p80 spread is wide (see growop.measure). The targets are
 printed with each case: fused <= 1.10x of ``linear``, <= 1.05x of ``chunked``, extra peak
 <= 1/8 of ``linear``'s. ``--no-memory`` / ``--no-time`` split a run (figures worth
 reporting are timed alone on the machine).

@@ -15,13 +15,16 @@
 #   5. profile: where forward+backward's GPU time goes, kernel by kernel, in bf16 at 50%
 #      fragmented, at the prefix mask (with and without static_shape) and for a small head,
 #      beside nn.Linear (bench_linear_cuda.py --profile; log only);
-#   6. the main job: python -m growop.demo --device cuda --quick;
-#   7. compute-sanitizer memcheck over the gather kernels' odd-size and fragmented-mask
+#   6. the fused loss: python benchmarks/bench_loss.py --device cuda (bf16, 8192 tokens,
+#      4096 -> 128000 classes, against nn.Linear + CE, torch's chunked loss and Liger's
+#      where it imports);
+#   7. the main job: python -m growop.demo --device cuda --quick;
+#   8. compute-sanitizer memcheck over the gather kernels' odd-size and fragmented-mask
 #      tests, where compute-sanitizer exists and time is left;
-#   8. a summary table, last.
+#   9. a summary table, last.
 #
 # CHECK_STEPS names the steps after the build to run (default
-# "tests bench profile demo memcheck"),
+# "tests bench profile loss demo memcheck"),
 # CHECK_SECONDS the run's budget (default 400; give the call a timeout of about 450). A
 # compiler in CXX without a shared libstdc++ is swapped for /usr/bin/g++ (setup.py
 # refuses it).
@@ -43,7 +46,7 @@ DEADLINE=$((START + ${CHECK_SECONDS:-400}))
 STATUS=0
 SUMMARY=()
 # The steps after the build, by name (a rerun may take fewer).
-STEPS=${CHECK_STEPS:-"tests bench profile demo memcheck"}
+STEPS=${CHECK_STEPS:-"tests bench profile loss demo memcheck"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 step() { echo; echo "=== $* [$(($(date +%s) - START)) s]"; }
@@ -226,6 +229,18 @@ if [[ "$BUILT" == 1 ]] && run_step profile; then
   fi
 fi
 
+if [[ "$BUILT" == 1 ]] && run_step loss; then
+  step "fused loss: bench_loss.py --device cuda"
+  if timeout "$(budget 60)" "$PY" benchmarks/bench_loss.py --device cuda --repeats 5 \
+      --csv "$LOGS/bench_loss_cuda.csv" >"$LOGS/loss.log" 2>&1; then
+    record loss "ok (see $LOGS/loss.log)"
+  else
+    STATUS=1
+    tail -20 "$LOGS/loss.log"
+    record loss "FAILED or out of time (see $LOGS/loss.log)"
+  fi
+fi
+
 if [[ "$BUILT" == 1 ]] && run_step demo; then
   step "main job: python -m growop.demo --device cuda --quick"
   if timeout "$(budget 30)" "$PY" -m growop.demo --device cuda --quick --out "$(mktemp -d)" \
@@ -268,5 +283,9 @@ if [[ -s "$LOGS/bench.log" ]]; then
   grep -E "^(dtype|bf16|fp32|tf32) " "$LOGS/bench.log" || true
   grep -A8 -E "^crossover" "$LOGS/bench.log" || true
   grep -A2 -E "^ +cap +grow ms" "$LOGS/bench.log" || true
+fi
+if [[ -s "$LOGS/loss.log" ]]; then
+  echo
+  tail -25 "$LOGS/loss.log"
 fi
 exit "$STATUS"

@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import growop
 from growop import reference
-from conftest import CAPACITY, DTYPES, TOLERANCES, assert_close, make_mask, run_on_ranks
+from conftest import CAPACITY, DTYPES, NEEDS_CUDA, TOLERANCES, assert_close, make_mask, run_on_ranks
 
 IN_FEATURES = 7
 TOKENS = 13  # odd, so no chunk size below divides it
@@ -259,6 +259,64 @@ def test_cuda_plan_matches_reference(plan, reduction, dtype, run):
         _check_against_reference(kind, dtype, reduction, smoothing, classes=classes,
                                  class_weight=class_weight, live_count=_live_count if counted else None,
                                  run=run)
+
+
+def _on_cuda(x, weight, b, target, active, width, chunk_size, live_count, **options):
+    """The loss and gradients of its sum computed on the GPU, brought back to the CPU."""
+    cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
+    leaves = [t.detach().cuda().requires_grad_() for t in (x, weight) + ((b,) if b is not None else ())]
+    loss = growop.linear_cross_entropy(leaves[0], leaves[1], target.cuda(),
+                                       leaves[2] if b is not None else None, active=active.cuda(),
+                                       out_features=width, chunk_size=chunk_size,
+                                       live_count=live_count, **cuda)
+    grads = torch.autograd.grad(loss.sum(), leaves)
+    return loss.detach().cpu(), tuple(g.cpu() for g in grads)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("plan", CUDA_PLANS)
+def test_cuda_device_matches_reference(plan, reduction, dtype):
+    """On a GPU, every plan, reduction and dtype against the reference, with label smoothing,
+    classes and class weights."""
+    kind, counted, subset = CUDA_PLANS[plan]
+    _, _, active, width, _, _ = _problem(kind)
+    live = active[:width].nonzero().squeeze(1)
+    classes = live[1::2].tolist() if subset else None
+    class_weight = torch.rand(width, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    for smoothing in (0.0, 0.1):
+        _check_against_reference(kind, dtype, reduction, smoothing, classes=classes,
+                                 class_weight=class_weight, live_count=_live_count if counted else None,
+                                 run=_on_cuda)
+
+
+@NEEDS_CUDA
+def test_cuda_layer_loss_matches_the_cpu_and_needs_no_host_sync():
+    """GrowLinear.cross_entropy on a GPU (its live count passed, as in eager mode) equals the
+    CPU's, forward and backward, with no host synchronisation."""
+    head = _head(dtype=torch.float32)
+    x = torch.randn(TOKENS, IN_FEATURES, requires_grad=True)
+    target = head.active[: head.out_features].nonzero().squeeze(1)[torch.arange(TOKENS) % 5]
+    expected = head.cross_entropy(x, target, label_smoothing=0.1)
+    expected.backward()
+    expected_grads = (x.grad, head.weight.grad.clone(), head.bias.grad.clone())
+    head.zero_grad(set_to_none=True)
+    gpu = head.cuda()
+    x_gpu = x.detach().cuda().requires_grad_()
+    target_gpu = target.cuda()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = gpu.cross_entropy(x_gpu, target_gpu, label_smoothing=0.1)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert_close(loss.detach().cpu(), expected.detach(), torch.float32, "loss")
+    for grad, want, name in zip((x_gpu.grad, gpu.weight.grad, gpu.bias.grad), expected_grads,
+                                ("input", "weight", "bias")):
+        assert_close(grad.cpu(), want, torch.float32, f"grad {name}")
 
 
 def test_cuda_plan_checks_on_the_device():
