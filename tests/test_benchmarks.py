@@ -257,3 +257,10 @@ def test_device_check_invokes_the_gpu_benchmark_with_options_it_takes(monkeypatc
         words = options.split("2>&1")[0].split(">")[0].replace('"$LOGS/', '"/tmp/').replace('"', "").split()
         args = module.parse_args(words)
         assert set(args.masks) <= set(module.CUDA_MASKS) and set(args.dtypes) <= set(module.CUDA_DTYPES)
+
+    loss = load(monkeypatch, "bench_loss")
+    invocations = [line.split("benchmarks/bench_loss.py", 1)[1] for line in script.splitlines()
+                   if '"$PY" benchmarks/bench_loss.py' in line]
+    assert len(invocations) == 1  # the fused loss on the GPU
+    words = invocations[0].split(">")[0].replace('"$LOGS/', '"/tmp/').replace('"', "").split()
+    assert loss.parse_args(words).device == "cuda"
