@@ -160,6 +160,31 @@ def test_reactivate_without_optimizer_starts_rows_fresh():
     assert mirror.error(run.layer) < 1e-10
 
 
+def test_row_events_need_no_bisect_key(monkeypatch):
+    """Python 3.9's bisect takes no key=: grows and reactivates under a stepped optimizer
+    (given, found, or catching up after a load) work with it."""
+    import bisect
+
+    plain = bisect.bisect_right
+
+    def bisect_right_of_python_3_9(a, x, lo=0, hi=None):
+        return plain(a, x, lo, len(a) if hi is None else hi)
+
+    monkeypatch.setattr(bisect, "bisect_right", bisect_right_of_python_3_9)
+    run = Training()
+    run.steps(3)
+    rows = run.layer.grow(2, optimizer=run.optimizer)
+    run.layer.deactivate([1])
+    run.steps(2)
+    run.layer.reactivate([1])
+    saved = run.state_dict_copy()
+    run.layer.grow(1)
+    run.optimizer = run.new_optimizer()
+    run.optimizer.load_state_dict(saved)
+    run.steps(1)  # catches up with the last grow
+    assert start_steps(run.optimizer, run.layer.weight)[[1, rows.start, rows.stop]].tolist() == [5, 3, 5]
+
+
 def test_two_optimizers_over_one_model_each_start_the_rows():
     """One optimizer for the head's weight, one for its bias and the layer below it."""
     torch.manual_seed(0)
