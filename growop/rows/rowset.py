@@ -157,7 +157,11 @@ class RowSet:
         )
         if in_place:
             check_builtin_init(init, self.live)  # so that the write cannot fail
-        # A tied Parameter takes the rows of the first member that holds it (the source).
+        # A tied Parameter takes the rows of the first member that holds it (the source). A
+        # member sharing some of its Parameters with an earlier one (a tied head with a bias
+        # of its own) makes its rows aside even within capacity, and only its own are
+        # written: its draw would overwrite the source's rows, and it stays the draw it
+        # makes past capacity.
         writers: list[GrowRows] = []  # members whose rows go straight into their slots
         aside: dict[int, tuple[Tensor, Tensor]] = {}  # rows made aside, by Parameter id
         claimed: set[int] = set()  # Parameters whose rows a member makes
@@ -165,7 +169,7 @@ class RowSet:
             row_params = {n: p for n, p in member._row_params().items() if p is not None}
             if all(id(p) in claimed for p in row_params.values()):
                 continue  # a tied member: its source makes the rows of every Parameter it holds
-            if in_place:
+            if in_place and not any(id(p) in claimed for p in row_params.values()):
                 writers.append(member)
             else:
                 for name, rows in new_rows(member, k, init, start, self.live, False).items():
