@@ -185,6 +185,35 @@ def test_row_events_need_no_bisect_key(monkeypatch):
     assert start_steps(run.optimizer, run.layer.weight)[[1, rows.start, rows.stop]].tolist() == [5, 3, 5]
 
 
+@pytest.mark.parametrize("given", [True, False], ids=["optimizer-given", "optimizer-found"])
+def test_rows_already_as_asked_keep_their_optimizer_state(given):
+    """reactivate of a live row and deactivate of a masked one leave the row alone: its
+    moments and step count are kept. Only the rows that change are acted on."""
+    run = Training()
+    run.steps(2)
+    run.layer.deactivate([3])  # without optimizer=: its moments decay but are kept
+    run.steps(2)
+    optimizer = run.optimizer if given else None
+    state = run.optimizer.state[run.layer.weight]
+    kept = {name: state[name].clone() for name in ("exp_avg", "exp_avg_sq")}
+    assert (kept["exp_avg"][[0, 3]] != 0).all()
+
+    run.layer.reactivate([0], optimizer=optimizer)  # live: nothing to do
+    assert run.layer.live_count == 3
+    assert start_steps(run.optimizer, run.layer.weight) is None
+    run.layer.deactivate([3], optimizer=run.optimizer)  # masked already: its state is kept
+    for name, value in kept.items():
+        assert torch.equal(state[name], value), name
+
+    run.layer.reactivate([0, 3], optimizer=optimizer)  # row 3 starts fresh, row 0 keeps its own
+    assert (state["exp_avg"][3] == 0).all() and torch.equal(state["exp_avg"][0], kept["exp_avg"][0])
+    assert start_steps(run.optimizer, run.layer.weight)[[0, 3]].tolist() == [0, 4]
+    run.layer.deactivate([1, 3], optimizer=run.optimizer)
+    run.layer.deactivate([1, 2], optimizer=run.optimizer)  # row 1 masked already
+    assert (state["exp_avg"][[1, 2, 3]] == 0).all() and torch.equal(state["exp_avg"][0], kept["exp_avg"][0])
+    assert run.layer.active.tolist()[:4] == [True, False, False, False]
+
+
 def test_two_optimizers_over_one_model_each_start_the_rows():
     """One optimizer for the head's weight, one for its bias and the layer below it."""
     torch.manual_seed(0)

@@ -204,11 +204,17 @@ class RowSet:
     def set_live(self, rows: RowIndices, live: bool, optimizer, method: str) -> None:
         """Masks (``live=False``) or unmasks existing rows. Unmasked rows start fresh in
         ``optimizer`` and in every optimizer holding them (zero state, their own step
-        count); masked rows' state is zeroed in ``optimizer`` only."""
+        count); masked rows' state is zeroed in ``optimizer`` only. Rows already as asked
+        (live rows given to reactivate, dead ones to deactivate) are left alone, their
+        optimizer state included."""
         index = self._row_index(rows, method)
         params = self.params
         distributed.check_not_flattened(params)
         optim.check_holds(optimizer, params)
+        if not self.mask.is_meta:  # on meta nothing is known of the rows: all are taken
+            index = index[self.mask[index] != live]
+            if index.numel() == 0:
+                return
         if live:
             self._restart(index, optimizer)
         elif optimizer is not None:
