@@ -801,9 +801,41 @@ def test_state_dict_from_nn_linear():
     x = torch.randn(3, 7)
     assert_close(target(x).detach(), linear(x).detach(), atol=1e-6, rtol=1e-6, what="vs nn.Linear")
 
-    exact = make_layer(7, 1, capacity=5)
+    # Exactly `capacity` rows: loads as a stock checkpoint into a layer with every slot
+    # live (see the next test for one with slots masked or not grown).
+    exact = make_layer(7, 5, capacity=5)
     exact.load_state_dict(linear.state_dict())
     assert_close(exact(x).detach(), linear(x).detach(), atol=1e-6, rtol=1e-6, what="exact capacity")
+
+
+@pytest.mark.parametrize("saved", ["named_parameters", "stock", "weight_only"])
+def test_a_maskless_checkpoint_of_capacity_rows_keeps_the_mask_and_reports_it_missing(saved):
+    """Tensors of `capacity` rows without a mask, into a layer with slots masked or not
+    grown: as likely the layer's own rows saved from named_parameters() (EMA code, saving
+    the trainable parameters) as a stock checkpoint. They load as they are, the layer
+    keeps its mask and counts (no masked or never-grown row comes to life), and `active`
+    is reported missing, so a strict load raises naming it."""
+    source = make_layer(7, 3, capacity=8, seed=1)
+    source.deactivate([1])
+    if saved == "named_parameters":
+        state = {name: p.detach().clone() for name, p in source.named_parameters()}
+    elif saved == "stock":
+        state = nn.Linear(7, 8).state_dict()
+    else:
+        state = {"weight": source.weight.detach().clone()}
+    target = make_layer(7, 3, capacity=8, seed=2)
+    target.deactivate([1])
+    active = target.active.clone()
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: .*"active"'):
+        target.load_state_dict(state)
+    keys = target.load_state_dict(state, strict=False)
+    assert "active" in keys.missing_keys and not keys.unexpected_keys
+    assert (target.out_features, target.live_count, target.capacity) == (3, 2, 8)
+    assert_equal(target.active, active, what="mask")
+    assert_equal(target.weight.detach(), state["weight"], what="weight")
+    if saved == "named_parameters":
+        x = torch.randn(2, 7)
+        assert_equal(target(x).detach(), source(x).detach(), what="outputs")
 
 
 def test_state_dict_nested_module_round_trip():
