@@ -152,7 +152,9 @@ class GrowRows(nn.Module):
                 ``DistributedDataParallel``, or that you will wrap again after growing: DDP's
                 gradient buckets do not follow reallocated parameters.
 
-        After an error nothing has changed.
+        After an error nothing has changed (except that an error while bringing an
+        optimizer's state up to date, past capacity, leaves the storage grown, as
+        :meth:`reserve` grows it).
         """
         return self._rows.grow(k, init, optimizer, allow_reallocation)
 
