@@ -415,12 +415,6 @@ def _after_load(optimizer: torch.optim.Optimizer) -> None:
         known.changes = -1
 
 
-def _young_params(optimizer: torch.optim.Optimizer) -> dict:
-    """The params of ``optimizer`` whose state holds start steps, by id."""
-    known = _known.get(optimizer)
-    return {} if known is None else known.young
-
-
 # ---------------------------------------------------------------------- per-row steps
 
 

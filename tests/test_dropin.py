@@ -272,6 +272,62 @@ def test_averaged_model_follows_grows_made_after_it_was_built(use_buffers):
     torch.testing.assert_close(ema(x), layer(x))
 
 
+def _copying_non_floats(average):
+    """A multi_avg_fn that averages floating-point tensors with ``average`` and copies
+    the others (the mask, the seed), as the README's Limits advise for use_buffers=True."""
+    def update(averaged, current, num_averaged):
+        if averaged[0].is_floating_point():
+            average(averaged, current, num_averaged)
+        else:
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+    return update
+
+
+@pytest.mark.parametrize("case", ["default", "ema", "use_buffers-copying"])
+def test_averaged_model_mask_follows_every_update(case):
+    """Across several updates, grows, deactivations and reactivations: the EMA copy's mask
+    and counts are the source's after each update (with the configurations the README
+    names as working)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    layer = GrowLinear(4, 3, capacity=8)
+    if case == "default":
+        ema = AveragedModel(layer)
+    elif case == "ema":
+        ema = AveragedModel(layer, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    else:
+        ema = AveragedModel(layer, multi_avg_fn=_copying_non_floats(get_ema_multi_avg_fn(0.9)), use_buffers=True)
+    x = torch.randn(2, 4)
+    changes = [lambda: None, lambda: layer.grow(2), lambda: layer.deactivate([0, 3]),
+               lambda: layer.reactivate([0]), lambda: layer.grow(1)]
+    for change in changes:
+        change()
+        ema.update_parameters(layer)
+        assert torch.equal(ema.module.active, layer.active)
+        assert ema(x).shape == layer(x).shape
+        assert ema.module.live_count == layer.live_count
+        assert int(ema.module._init_seed) == int(layer._init_seed)
+
+
+def test_averaged_model_with_use_buffers_averages_the_mask():
+    """What the README's Limits say of AveragedModel(use_buffers=True) with torch's own
+    averages: the default raises on the bool mask at the second update; the EMA keeps a
+    deactivated row live."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    layer = GrowLinear(4, 3, capacity=8)
+    swa = AveragedModel(layer, use_buffers=True)
+    swa.update_parameters(layer)
+    with pytest.raises(RuntimeError, match="bool"):
+        swa.update_parameters(layer)
+    ema = AveragedModel(layer, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ema.update_parameters(layer)
+    layer.deactivate([0])
+    ema.update_parameters(layer)
+    assert not layer.active[0] and ema.module.active[0]
+
+
 def test_ema_loop_follows_grows_made_after_the_copy():
     model = nn.Sequential(nn.Linear(4, 5), GrowLinear(5, 3, capacity=8))
     ema = copy.deepcopy(model)

@@ -277,6 +277,28 @@ def test_state_dict_round_trips_across_capacities_and_from_nn_embedding():
     assert other.num_embeddings == 7 and torch.equal(other(ids(6)), plain(ids(6)))
 
 
+def test_a_state_dict_of_named_parameters_keeps_the_mask_and_reports_it_missing():
+    """The embedding's own rows saved without the mask (`capacity` rows) are not taken as
+    a stock checkpoint of `capacity` tokens: the rows load, the mask and counts stay."""
+    emb = make()
+    emb.grow(2)
+    emb.deactivate([1])
+    state = {name: p.detach().clone() for name, p in emb.named_parameters()}
+    other = make()
+    other.grow(2)
+    other.deactivate([1])
+    with torch.no_grad():
+        other.weight.zero_()
+    keys = other.load_state_dict(state, strict=False)
+    assert keys.missing_keys == ["active", "_extra_state"]
+    assert other.num_embeddings == V + 2 and other.live_count == V + 1
+    assert torch.equal(other.active, emb.active) and torch.equal(other.weight, emb.weight)
+    with pytest.raises(IndexError):
+        other(ids(1))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        other.load_state_dict(state)
+
+
 # ----------------------------------------------------------------------------- tied and grown-together heads
 
 

@@ -633,6 +633,67 @@ def test_errors_leave_layer_unchanged(case):
     assert_unchanged(layer, before)
 
 
+def _trained_layer_and_optimizer():
+    """A layer (row 2 masked without optimizer=, so its moments are kept) under Adam."""
+    layer = make_layer(7, 4, capacity=6)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
+    layer.deactivate(2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(torch.randn(5, 7)).sum().backward()
+        optimizer.step()
+    return layer, optimizer
+
+
+OPTIMIZER_WORK_CASES = {
+    "grow-default": (lambda l, o: l.grow(2, optimizer=o), "rows_changed"),
+    "grow-mean-found": (lambda l, o: l.grow(1, init="mean"), "rows_changed"),
+    "reactivate": (lambda l, o: l.reactivate([2], optimizer=o), "rows_changed"),
+    "reactivate-found": (lambda l, o: l.reactivate([2]), "rows_changed"),
+    "deactivate": (lambda l, o: l.deactivate([0], optimizer=o), "reset_rows"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTIMIZER_WORK_CASES))
+def test_an_error_in_the_optimizer_work_leaves_the_layer_unchanged(case, monkeypatch):
+    """The optimizers are brought up to date before the mask, counts and new rows change:
+    an error there changes nothing, and a later row event does not restart the rows of
+    the one that failed."""
+    call, hook = OPTIMIZER_WORK_CASES[case]
+    layer, optimizer = _trained_layer_and_optimizer()
+    before = snapshot(layer)
+    moments = {k: optimizer.state[layer.weight][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("optimizer work failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(growop.optim, hook, fail)
+        with pytest.raises(RuntimeError, match="optimizer work failed"):
+            call(layer, optimizer)
+    assert_unchanged(layer, before)
+    layer.grow(1, optimizer=optimizer)  # takes in every row event since the failed one
+    for name, value in moments.items():
+        assert_equal(optimizer.state[layer.weight][name][:4], value[:4], what=name)
+
+
+def test_an_error_in_the_optimizer_work_past_capacity_only_grows_the_storage(monkeypatch):
+    layer, optimizer = _trained_layer_and_optimizer()
+    weight, active = layer.weight.detach().clone(), layer.active.clone()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("optimizer work failed")
+
+    monkeypatch.setattr(growop.optim, "rows_changed", fail)
+    with pytest.raises(RuntimeError, match="optimizer work failed"):
+        layer.grow(5, optimizer=optimizer)
+    assert (layer.out_features, layer.live_count) == (4, 3)
+    assert layer.capacity > 6  # reallocated, as reserve would: no row is live or written
+    assert_equal(layer.weight[:6].detach(), weight, what="old rows")
+    assert not layer.weight[6:].any()
+    assert_equal(layer.active[:6], active, what="mask") and not layer.active[6:].any()
+
+
 def test_error_init_tuple_with_bias_for_biasless_layer():
     layer = make_layer(7, 4, capacity=6, bias=False)
     before = snapshot(layer)
@@ -740,9 +801,41 @@ def test_state_dict_from_nn_linear():
     x = torch.randn(3, 7)
     assert_close(target(x).detach(), linear(x).detach(), atol=1e-6, rtol=1e-6, what="vs nn.Linear")
 
-    exact = make_layer(7, 1, capacity=5)
+    # Exactly `capacity` rows: loads as a stock checkpoint into a layer with every slot
+    # live (see the next test for one with slots masked or not grown).
+    exact = make_layer(7, 5, capacity=5)
     exact.load_state_dict(linear.state_dict())
     assert_close(exact(x).detach(), linear(x).detach(), atol=1e-6, rtol=1e-6, what="exact capacity")
+
+
+@pytest.mark.parametrize("saved", ["named_parameters", "stock", "weight_only"])
+def test_a_maskless_checkpoint_of_capacity_rows_keeps_the_mask_and_reports_it_missing(saved):
+    """Tensors of `capacity` rows without a mask, into a layer with slots masked or not
+    grown: as likely the layer's own rows saved from named_parameters() (EMA code, saving
+    the trainable parameters) as a stock checkpoint. They load as they are, the layer
+    keeps its mask and counts (no masked or never-grown row comes to life), and `active`
+    is reported missing, so a strict load raises naming it."""
+    source = make_layer(7, 3, capacity=8, seed=1)
+    source.deactivate([1])
+    if saved == "named_parameters":
+        state = {name: p.detach().clone() for name, p in source.named_parameters()}
+    elif saved == "stock":
+        state = nn.Linear(7, 8).state_dict()
+    else:
+        state = {"weight": source.weight.detach().clone()}
+    target = make_layer(7, 3, capacity=8, seed=2)
+    target.deactivate([1])
+    active = target.active.clone()
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: .*"active"'):
+        target.load_state_dict(state)
+    keys = target.load_state_dict(state, strict=False)
+    assert "active" in keys.missing_keys and not keys.unexpected_keys
+    assert (target.out_features, target.live_count, target.capacity) == (3, 2, 8)
+    assert_equal(target.active, active, what="mask")
+    assert_equal(target.weight.detach(), state["weight"], what="weight")
+    if saved == "named_parameters":
+        x = torch.randn(2, 7)
+        assert_equal(target(x).detach(), source(x).detach(), what="outputs")
 
 
 def test_state_dict_nested_module_round_trip():

@@ -160,6 +160,60 @@ def test_reactivate_without_optimizer_starts_rows_fresh():
     assert mirror.error(run.layer) < 1e-10
 
 
+def test_row_events_need_no_bisect_key(monkeypatch):
+    """Python 3.9's bisect takes no key=: grows and reactivates under a stepped optimizer
+    (given, found, or catching up after a load) work with it."""
+    import bisect
+
+    plain = bisect.bisect_right
+
+    def bisect_right_of_python_3_9(a, x, lo=0, hi=None):
+        return plain(a, x, lo, len(a) if hi is None else hi)
+
+    monkeypatch.setattr(bisect, "bisect_right", bisect_right_of_python_3_9)
+    run = Training()
+    run.steps(3)
+    rows = run.layer.grow(2, optimizer=run.optimizer)
+    run.layer.deactivate([1])
+    run.steps(2)
+    run.layer.reactivate([1])
+    saved = run.state_dict_copy()
+    run.layer.grow(1)
+    run.optimizer = run.new_optimizer()
+    run.optimizer.load_state_dict(saved)
+    run.steps(1)  # catches up with the last grow
+    assert start_steps(run.optimizer, run.layer.weight)[[1, rows.start, rows.stop]].tolist() == [5, 3, 5]
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["optimizer-given", "optimizer-found"])
+def test_rows_already_as_asked_keep_their_optimizer_state(given):
+    """reactivate of a live row and deactivate of a masked one leave the row alone: its
+    moments and step count are kept. Only the rows that change are acted on."""
+    run = Training()
+    run.steps(2)
+    run.layer.deactivate([3])  # without optimizer=: its moments decay but are kept
+    run.steps(2)
+    optimizer = run.optimizer if given else None
+    state = run.optimizer.state[run.layer.weight]
+    kept = {name: state[name].clone() for name in ("exp_avg", "exp_avg_sq")}
+    assert (kept["exp_avg"][[0, 3]] != 0).all()
+
+    run.layer.reactivate([0], optimizer=optimizer)  # live: nothing to do
+    assert run.layer.live_count == 3
+    assert start_steps(run.optimizer, run.layer.weight) is None
+    run.layer.deactivate([3], optimizer=run.optimizer)  # masked already: its state is kept
+    for name, value in kept.items():
+        assert torch.equal(state[name], value), name
+
+    run.layer.reactivate([0, 3], optimizer=optimizer)  # row 3 starts fresh, row 0 keeps its own
+    assert (state["exp_avg"][3] == 0).all() and torch.equal(state["exp_avg"][0], kept["exp_avg"][0])
+    assert start_steps(run.optimizer, run.layer.weight)[[0, 3]].tolist() == [0, 4]
+    run.layer.deactivate([1, 3], optimizer=run.optimizer)
+    run.layer.deactivate([1, 2], optimizer=run.optimizer)  # row 1 masked already
+    assert (state["exp_avg"][[1, 2, 3]] == 0).all() and torch.equal(state["exp_avg"][0], kept["exp_avg"][0])
+    assert run.layer.active.tolist()[:4] == [True, False, False, False]
+
+
 def test_two_optimizers_over_one_model_each_start_the_rows():
     """One optimizer for the head's weight, one for its bias and the layer below it."""
     torch.manual_seed(0)

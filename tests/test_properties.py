@@ -175,6 +175,8 @@ class GrowLinearMachine(RuleBasedStateMachine):
         else:
             caller.deactivate(rows, optimizer=optimizer)
         for r in set(rows):
+            if self.shadow[r].live == live:
+                continue  # already as asked: left alone, optimizer state included
             self.shadow[r].live = live
             if live:  # with or without optimizer=: unmasked rows start fresh
                 self.shadow[r].fresh_optimizer()

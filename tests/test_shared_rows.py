@@ -245,6 +245,34 @@ def test_grow_within_capacity_in_place_rows_match_the_rows_made_aside(init):
     torch.testing.assert_close(in_place.bias[:13], aside.bias[:13], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("init", ["default", "mean", "zeros"])
+@pytest.mark.parametrize("capacity", [10, 6], ids=["within-capacity", "past-capacity"])
+def test_tied_rows_of_a_head_with_a_bias_are_the_sources(capacity, init):
+    """tie(embedding, head with a bias of its own), grown by 2 from 6 rows: the tied rows
+    are the embedding's (its N(0, 1) draw, its mean), never the head's kaiming draw, within
+    capacity (rows written in place) as past it (made aside); the head's bias rows are the
+    ones the head alone makes."""
+    torch.manual_seed(0)
+    emb = growop.GrowEmbedding(6, 4, capacity=capacity)
+    head = growop.GrowLinear(4, 6, bias=True, capacity=capacity)
+    growop.tie(emb, head)
+    emb_alone = growop.GrowEmbedding(6, 4, capacity=capacity)
+    head_alone = growop.GrowLinear(4, 6, bias=True, capacity=capacity)
+    with torch.no_grad():
+        emb_alone.weight.copy_(emb.weight)
+        head_alone.weight.copy_(emb.weight)
+        head_alone.bias.copy_(head.bias)
+    emb_alone._init_seed.copy_(emb._init_seed)
+    head_alone._init_seed.copy_(head._init_seed)
+    head.grow(2, init=init, allow_reallocation=True)
+    for alone in (emb_alone, head_alone):
+        alone.grow(2, init=init, allow_reallocation=True)
+    torch.testing.assert_close(emb.weight[:8], emb_alone.weight[:8], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(head.bias[:8], head_alone.bias[:8], rtol=1e-6, atol=1e-6)
+    if init == "default":
+        assert emb.weight[6:8].abs().max() > 1 / 2  # the head's draw is within +-1/sqrt(4)
+
+
 def test_grow_mean_in_place_skips_masked_rows():
     layer = growop.GrowLinear(8, 4, capacity=10)
     with torch.no_grad():

@@ -4,7 +4,9 @@ A layer's state dict holds tensors only: its row Parameters, the mask ``active``
 ``_extra_state``, ``[slots in use, seed of init="default" rows]``, so that safetensors,
 EMA loops and clone-all-values code take it as it is. A checkpoint loads into a layer of
 another capacity when its slots in use fit (:func:`fit_state_dict`), and so does a stock
-``nn.Linear`` / ``nn.Embedding`` checkpoint (every row live) and one written by growop 0.1.
+``nn.Linear`` / ``nn.Embedding`` checkpoint (every row live; one of exactly ``capacity``
+rows only into a layer with every slot live, since it cannot be told from the layer's own
+rows saved without the mask) and one written by growop 0.1.
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ def fit_state_dict(layer: GrowRows, state_dict: dict, prefix: str, error_msgs: l
     """Makes ``layer``'s entries of ``state_dict`` fit its capacity, before they load.
 
     Per-row tensors of another row count are fitted (:func:`_fit_rows`); a stock layer's
-    checkpoint (no mask, no extra state) gets a mask with every row live. Returns False,
+    checkpoint (no mask, no extra state) gets a mask with every row live, unless it has
+    ``capacity`` rows while the layer has masked or unused slots: then it may as well be
+    this layer's rows without their mask, so the tensors load as they are, the layer keeps
+    its mask and counts, and ``active`` is reported missing. Returns False,
     with the errors recorded, where the checkpoint cannot load (a row of another size,
     more slots in use than the capacity): then nothing of the layer is loaded, so a failed
     load leaves it as it was.
@@ -86,6 +91,13 @@ def fit_state_dict(layer: GrowRows, state_dict: dict, prefix: str, error_msgs: l
     first = next(iter(saved_rows))
     active_key, extra_key = prefix + "active", prefix + "_extra_state"
     if active_key not in state_dict and extra_key not in state_dict:
+        if _may_be_growop_rows(layer, saved_rows):
+            # This layer's own rows without its mask (a state dict of named_parameters(),
+            # as EMA code and "save the trainable parameters" write) reads the same as a
+            # stock checkpoint of `capacity` outputs; taking the latter would bring masked
+            # and never-grown rows to life. The tensors load, the mask and counts stay,
+            # and the missing mask is reported (a strict load raises, naming it).
+            return True
         # A stock layer's checkpoint (nn.Linear, nn.Embedding): every row is live.
         rows, device = saved_rows[first], state_dict[prefix + first].device
         state_dict[active_key] = torch.ones(rows, dtype=torch.bool, device=device)
@@ -103,6 +115,16 @@ def fit_state_dict(layer: GrowRows, state_dict: dict, prefix: str, error_msgs: l
         _fit_rows(layer, state_dict, prefix, saved_rows)
         layer._rows.fitted_from(saved_rows[first])
     return True
+
+
+def _may_be_growop_rows(layer: GrowRows, saved_rows: dict[str, int]) -> bool:
+    """Whether mask-less tensors of ``saved_rows`` rows could be this layer's own rows
+    rather than a stock layer's: they have ``capacity`` rows, and the layer is not in the
+    one state where both readings agree (every one of its ``capacity`` rows live)."""
+    capacity = layer.capacity
+    if any(rows != capacity for rows in saved_rows.values()):
+        return False
+    return not (layer.rows.used == capacity and layer.rows.live == capacity)
 
 
 def _per_row_tensors(layer: GrowRows) -> dict[str, Tensor]:

@@ -44,14 +44,24 @@ class RowHistory:
         self.capacity = capacity
         self.row_counts = {capacity}
         self.reallocated = False
-        # (event, rows): a slice, which a grow within capacity records allocating nothing,
-        # or an index tensor; in the order of the events.
-        self._started: list[tuple[int, slice | Tensor]] = []
+        # The rows started at each event (a slice, which a grow within capacity records
+        # allocating nothing, or an index tensor), and beside them the event numbers, in
+        # increasing order, which started_since bisects (bisect's key= is Python 3.10+).
+        self._started: list[slice | Tensor] = []
+        self._started_at: list[int] = []
 
     def restarted(self, rows: slice | Tensor) -> None:
         """Records an event: ``rows`` (a slice or an index tensor) start fresh now."""
         self.events += 1
-        self._started.append((self.events, rows.cpu() if isinstance(rows, Tensor) else rows))
+        self._started.append(rows.cpu() if isinstance(rows, Tensor) else rows)
+        self._started_at.append(self.events)
+
+    def withdraw_last(self) -> None:
+        """Forgets the rows of the last event, whose change did not happen (bringing the
+        optimizers up to date raised). Its number stays taken: an optimizer may already
+        have recorded it as taken in, and a later event must not pass for it."""
+        self._started.pop()
+        self._started_at.pop()
 
     def reallocated_to(self, capacity: int) -> None:
         self.capacity = capacity
@@ -65,7 +75,7 @@ class RowHistory:
     def loaded(self) -> None:
         """A checkpoint was loaded: its rows are as it has them, and optimizer state loaded
         beside it belongs with it, so no earlier start applies to it."""
-        self._started = []
+        self._started, self._started_at = [], []
 
     def renewed(self) -> RowHistory:
         """A new history for a copy of the layers, or for row sets that join: the same row
@@ -90,5 +100,4 @@ class RowHistory:
 
     def started_since(self, event: int) -> list[slice | Tensor]:
         """The rows started after ``event``: slices and index tensors (CPU), which may overlap."""
-        first = bisect.bisect_right(self._started, event, key=lambda entry: entry[0])
-        return [rows for _, rows in self._started[first:]]
+        return self._started[bisect.bisect_right(self._started_at, event) :]

@@ -45,13 +45,7 @@ def new_rows(
     first = next(iter(params))
     with torch.no_grad():
         if isinstance(init, str):
-            if init not in ("default", "zeros", "mean"):
-                raise ValueError(
-                    f"grow: unknown init {init!r}; expected 'default', 'zeros', 'mean', "
-                    "a tensor, a tuple or a callable"
-                )
-            if init == "mean" and live == 0:
-                raise ValueError("grow(init='mean') needs at least one live row")
+            check_builtin_init(init, live)
             if in_place:
                 slots = {n: (likes[n][used : used + k] if n in shapes else None) for n in params}
                 return _builtin_rows_into(layer, init, slots, used, live)
@@ -94,6 +88,17 @@ def new_rows(
                     raise ValueError("grow: the init callable must fill its tensors in place")
             return out
     raise TypeError(f"grow: init must be a str, tensor, tuple or callable, got {type(init).__name__}")
+
+
+def check_builtin_init(init: str, live: int) -> None:
+    """Raises unless ``init`` is a built-in policy that can make rows with ``live`` live rows."""
+    if init not in ("default", "zeros", "mean"):
+        raise ValueError(
+            f"grow: unknown init {init!r}; expected 'default', 'zeros', 'mean', "
+            "a tensor, a tuple or a callable"
+        )
+    if init == "mean" and live == 0:
+        raise ValueError("grow(init='mean') needs at least one live row")
 
 
 def _builtin_rows_into(

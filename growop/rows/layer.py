@@ -152,7 +152,9 @@ class GrowRows(nn.Module):
                 ``DistributedDataParallel``, or that you will wrap again after growing: DDP's
                 gradient buckets do not follow reallocated parameters.
 
-        After an error nothing has changed.
+        After an error nothing has changed (except that an error while bringing an
+        optimizer's state up to date, past capacity, leaves the storage grown, as
+        :meth:`reserve` grows it).
         """
         return self._rows.grow(k, init, optimizer, allow_reallocation)
 
@@ -183,7 +185,8 @@ class GrowRows(nn.Module):
         that optimizer is zeroed, so momentum stops moving the masked rows; decay that does
         not depend on the gradient (AdamW's decoupled weight decay) still applies to them,
         as it does to any parameter. Without it no optimizer state changes: the rows start
-        fresh when they are reactivated.
+        fresh when they are reactivated. Rows already masked are left as they are (their
+        optimizer state too).
         """
         self._rows.set_live(rows, False, optimizer, "deactivate")
 
@@ -191,7 +194,8 @@ class GrowRows(nn.Module):
         """Unmasks rows (slots in use) with the weights they kept.
 
         Their state starts fresh (zero, with a fresh step count) in every optimizer holding
-        them, found as for :meth:`grow`; ``optimizer=`` is optional.
+        them, found as for :meth:`grow`; ``optimizer=`` is optional. Rows already live are
+        left as they are: their optimizer state is kept.
         """
         self._rows.set_live(rows, True, optimizer, "reactivate")
 

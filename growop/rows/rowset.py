@@ -29,7 +29,7 @@ from torch import Tensor
 from growop import distributed, optim
 from growop.rows.capacity import checked_int, grown_capacity
 from growop.rows.history import RowHistory
-from growop.rows.init import RowInit, new_rows
+from growop.rows.init import RowInit, check_builtin_init, new_rows
 
 if TYPE_CHECKING:
     from growop.rows.layer import GrowRows
@@ -145,34 +145,51 @@ class RowSet:
         start, stop = self.used, self.used + k
         params = self._checked_growth(stop, optimizer, allow_reallocation)
         # Within capacity, a built-in init writes straight into the unused slots
-        # [start, stop): nothing is allocated, and nothing that can fail comes after the
-        # write (the slots are not live until the mask below says so). Otherwise every
-        # member's rows are made before anything changes.
+        # [start, stop), allocating nothing; otherwise every member's rows are made aside
+        # first. Either way the optimizers are brought up to date before any row is written
+        # (the slots are unused: nothing reads them) and the mask and counts change last,
+        # so an error leaves the rows as they were (past capacity, the storage grown, as
+        # reserve grows it).
         in_place = (
             stop <= self.capacity
             and isinstance(init, str)
             and not any(distributed.is_sharded(p) for p in params)
         )
-        # A tied Parameter takes the rows of the first member that holds it (the source).
-        made: dict[int, tuple[Tensor, Tensor]] = {}
+        if in_place:
+            check_builtin_init(init, self.live)  # so that the write cannot fail
+        # A tied Parameter takes the rows of the first member that holds it (the source). A
+        # member sharing some of its Parameters with an earlier one (a tied head with a bias
+        # of its own) makes its rows aside even within capacity, and only its own are
+        # written: its draw would overwrite the source's rows, and it stays the draw it
+        # makes past capacity.
+        writers: list[GrowRows] = []  # members whose rows go straight into their slots
+        aside: dict[int, tuple[Tensor, Tensor]] = {}  # rows made aside, by Parameter id
+        claimed: set[int] = set()  # Parameters whose rows a member makes
         for member in self.members:
-            row_params = member._row_params()
-            if all(p is None or id(p) in made for p in row_params.values()):
-                continue  # a tied member: its source made the rows of every Parameter it holds
-            for name, rows in new_rows(member, k, init, start, self.live, in_place).items():
-                param = row_params[name]
-                if param is not None and rows is not None:
-                    made.setdefault(id(param), (param, rows))
+            row_params = {n: p for n, p in member._row_params().items() if p is not None}
+            if all(id(p) in claimed for p in row_params.values()):
+                continue  # a tied member: its source makes the rows of every Parameter it holds
+            if in_place and not any(id(p) in claimed for p in row_params.values()):
+                writers.append(member)
+            else:
+                for name, rows in new_rows(member, k, init, start, self.live, False).items():
+                    param = row_params.get(name)
+                    if param is not None and rows is not None and id(param) not in claimed:
+                        aside[id(param)] = (param, rows)
+            claimed.update(id(p) for p in row_params.values())
         if stop > self.capacity:
             self.reallocate(grown_capacity(self.capacity, stop))
-        if not in_place:
+
+        def write_rows() -> None:
+            for member in writers:
+                new_rows(member, k, init, start, self.live, True)
             with torch.no_grad():
-                for param, rows in made.values():
+                for param, rows in aside.values():
                     distributed.write_rows_(param, start, rows)
+
+        self._restart(slice(start, stop), optimizer, write_rows)
         self._write_mask(slice(start, stop), True)
         self._set_counts(stop, self.live + k)
-        self.history.restarted(slice(start, stop))
-        optim.rows_changed(self, optimizer)
         return range(start, stop)
 
     @_outside_inference_mode
@@ -187,18 +204,23 @@ class RowSet:
     def set_live(self, rows: RowIndices, live: bool, optimizer, method: str) -> None:
         """Masks (``live=False``) or unmasks existing rows. Unmasked rows start fresh in
         ``optimizer`` and in every optimizer holding them (zero state, their own step
-        count); masked rows' state is zeroed in ``optimizer`` only."""
+        count); masked rows' state is zeroed in ``optimizer`` only. Rows already as asked
+        (live rows given to reactivate, dead ones to deactivate) are left alone, their
+        optimizer state included."""
         index = self._row_index(rows, method)
         params = self.params
         distributed.check_not_flattened(params)
         optim.check_holds(optimizer, params)
-        self._write_mask(index, live)
-        self._set_counts(self.used, self._count_live())
+        if not self.mask.is_meta:  # on meta nothing is known of the rows: all are taken
+            index = index[self.mask[index] != live]
+            if index.numel() == 0:
+                return
         if live:
-            self.history.restarted(index)
-            optim.rows_changed(self, optimizer)
+            self._restart(index, optimizer)
         elif optimizer is not None:
             optim.reset_rows(optimizer, params, index)
+        self._write_mask(index, live)
+        self._set_counts(self.used, self._count_live())
 
     @_outside_inference_mode
     def resize_optimizer_state(self, optimizer) -> None:
@@ -307,6 +329,20 @@ class RowSet:
         self.ties.append((source, target, name))
 
     # ------------------------------------------------------------------ internals
+
+    def _restart(self, rows: slice | Tensor, optimizer, write_rows=None) -> None:
+        """Records that ``rows`` start fresh, brings the optimizers up to date with it, then
+        calls ``write_rows`` (a grow's new values), all before the caller makes the rows
+        live. If any of it raises, the record is withdrawn: the rows, not made live, start
+        nowhere later."""
+        self.history.restarted(rows)
+        try:
+            optim.rows_changed(self, optimizer)
+            if write_rows is not None:
+                write_rows()
+        except BaseException:
+            self.history.withdraw_last()
+            raise
 
     def _set_counts(self, used: int, live: int) -> None:
         self.used, self.live = used, live
