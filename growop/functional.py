@@ -87,8 +87,9 @@ def linear_cross_entropy(
     never enter the softmax (nor does label smoothing spread onto them, which gives ``inf``
     when ``F.cross_entropy`` sees masked columns). The ``(tokens, capacity)`` logits are
     never made: tokens are taken a chunk at a time, so working memory is bounded by a chunk.
-    With gradients enabled, a ``"mean"`` or ``"sum"`` loss computes its gradients in the
-    forward and holds them until the backward (compute losses you will not backpropagate
+    With gradients enabled, a ``"mean"`` or ``"sum"`` loss (not float16, which recomputes
+    them in the backward) computes its gradients in the forward and holds them until the
+    backward (compute losses you will not backpropagate
     under ``torch.no_grad()``).
 
     Args:

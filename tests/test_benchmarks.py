@@ -188,7 +188,9 @@ def test_vocab_benchmark_quick_mode_measures_without_profiler_noise(tmp_path):
 def test_loss_benchmark_quick_mode_measures_every_provider_on_both_masks(tmp_path):
     out = tmp_path / "loss.csv"
     completed = run_script("bench_loss", "--quick", "--repeats", "2", "--csv", str(out))
-    assert "liger" in completed.stdout  # says whether Liger's column is there
+    # says whether Liger's column is there, and why not (on the CPU it never is)
+    assert ("# liger_kernel is not installed: no liger column" in completed.stdout
+            or "# Liger's fused loss runs on CUDA only: no liger column" in completed.stdout)
     for mask in ("prefix", "fragmented"):
         assert f"cap 1250 {mask}" in completed.stdout
     verdicts = [line for line in completed.stdout.splitlines() if line.strip().startswith("target fused")]

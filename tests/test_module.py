@@ -838,6 +838,21 @@ def test_a_maskless_checkpoint_of_capacity_rows_keeps_the_mask_and_reports_it_mi
         assert_equal(target(x).detach(), source(x).detach(), what="outputs")
 
 
+def test_a_maskless_checkpoint_of_capacity_rows_into_a_meta_layer_is_a_stock_one():
+    """A layer built on the meta device has no rows of its own that could have been saved:
+    mask-less tensors of `capacity` rows loaded with assign=True are a stock checkpoint, and
+    the layer comes out usable, every row live."""
+    torch.manual_seed(7)
+    linear = nn.Linear(7, 8)
+    with torch.device("meta"):
+        target = GrowLinear(7, 6, capacity=8)
+    keys = target.load_state_dict(linear.state_dict(), assign=True)
+    assert not keys.missing_keys and not keys.unexpected_keys
+    assert (target.out_features, target.live_count) == (8, 8) and not target.active.is_meta
+    x = torch.randn(3, 7)
+    assert_close(target(x).detach(), linear(x).detach(), atol=1e-6, rtol=1e-6, what="outputs")
+
+
 def test_state_dict_nested_module_round_trip():
     torch.manual_seed(5)
     source = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), GrowLinear(7, 3, capacity=4))

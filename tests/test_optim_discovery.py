@@ -187,8 +187,9 @@ def test_row_events_need_no_bisect_key(monkeypatch):
 
 @pytest.mark.parametrize("given", [True, False], ids=["optimizer-given", "optimizer-found"])
 def test_rows_already_as_asked_keep_their_optimizer_state(given):
-    """reactivate of a live row and deactivate of a masked one leave the row alone: its
-    moments and step count are kept. Only the rows that change are acted on."""
+    """reactivate of a live row leaves the row alone: its moments and step count are kept.
+    deactivate of a masked row with optimizer= zeroes its moments (the way to clear a row
+    masked without one) and leaves its mask as it was."""
     run = Training()
     run.steps(2)
     run.layer.deactivate([3])  # without optimizer=: its moments decay but are kept
@@ -201,9 +202,13 @@ def test_rows_already_as_asked_keep_their_optimizer_state(given):
     run.layer.reactivate([0], optimizer=optimizer)  # live: nothing to do
     assert run.layer.live_count == 3
     assert start_steps(run.optimizer, run.layer.weight) is None
-    run.layer.deactivate([3], optimizer=run.optimizer)  # masked already: its state is kept
     for name, value in kept.items():
         assert torch.equal(state[name], value), name
+    version = run.layer.active._version
+    run.layer.deactivate([3], optimizer=run.optimizer)  # masked already: its state is zeroed
+    assert run.layer.active._version == version, "the mask was rewritten"
+    for name, value in kept.items():
+        assert (state[name][3] == 0).all() and torch.equal(state[name][:3], value[:3]), name
 
     run.layer.reactivate([0, 3], optimizer=optimizer)  # row 3 starts fresh, row 0 keeps its own
     assert (state["exp_avg"][3] == 0).all() and torch.equal(state["exp_avg"][0], kept["exp_avg"][0])

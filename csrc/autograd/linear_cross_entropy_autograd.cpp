@@ -121,7 +121,8 @@ struct LinearCrossEntropyBackward : public Node {
   // autograd's version check refuses a weight changed in place or a mask
   // changed (a grow, a deactivate) between forward and backward, as it does
   // for the recomputing node and for head(x) + F.cross_entropy. They are the
-  // layer's own tensors, so saving them holds no memory.
+  // layer's own tensors, so saving them holds no extra memory (unless a
+  // saved-tensors hook copies them, as it would for head(x)).
   std::array<SavedVariable, 3> checked;  // weight, bias, active
   std::array<bool, 3> has_checked{};
   // Set when the engine will release the saved gradients after this apply

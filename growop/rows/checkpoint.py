@@ -120,9 +120,10 @@ def fit_state_dict(layer: GrowRows, state_dict: dict, prefix: str, error_msgs: l
 def _may_be_growop_rows(layer: GrowRows, saved_rows: dict[str, int]) -> bool:
     """Whether mask-less tensors of ``saved_rows`` rows could be this layer's own rows
     rather than a stock layer's: they have ``capacity`` rows, and the layer is not in the
-    one state where both readings agree (every one of its ``capacity`` rows live)."""
+    one state where both readings agree (every one of its ``capacity`` rows live). A layer
+    on the meta device has no rows of its own yet, so the tensors are a stock layer's."""
     capacity = layer.capacity
-    if any(rows != capacity for rows in saved_rows.values()):
+    if layer.active.is_meta or any(rows != capacity for rows in saved_rows.values()):
         return False
     return not (layer.rows.used == capacity and layer.rows.live == capacity)
 

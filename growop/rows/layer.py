@@ -185,8 +185,8 @@ class GrowRows(nn.Module):
         that optimizer is zeroed, so momentum stops moving the masked rows; decay that does
         not depend on the gradient (AdamW's decoupled weight decay) still applies to them,
         as it does to any parameter. Without it no optimizer state changes: the rows start
-        fresh when they are reactivated. Rows already masked are left as they are (their
-        optimizer state too).
+        fresh when they are reactivated. Rows already masked stay masked; with
+        ``optimizer=`` their state is zeroed too (how to clear a row masked without it).
         """
         self._rows.set_live(rows, False, optimizer, "deactivate")
 

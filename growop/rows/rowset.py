@@ -204,21 +204,22 @@ class RowSet:
     def set_live(self, rows: RowIndices, live: bool, optimizer, method: str) -> None:
         """Masks (``live=False``) or unmasks existing rows. Unmasked rows start fresh in
         ``optimizer`` and in every optimizer holding them (zero state, their own step
-        count); masked rows' state is zeroed in ``optimizer`` only. Rows already as asked
-        (live rows given to reactivate, dead ones to deactivate) are left alone, their
-        optimizer state included."""
+        count); masked rows' state is zeroed in ``optimizer`` only. Live rows given to
+        reactivate are left alone, their optimizer state included; dead rows given to
+        deactivate keep their mask, and their state in ``optimizer`` is zeroed all the same
+        (so a row masked without ``optimizer=`` can have its moments cleared later)."""
         index = self._row_index(rows, method)
         params = self.params
         distributed.check_not_flattened(params)
         optim.check_holds(optimizer, params)
+        if not live and optimizer is not None:
+            optim.reset_rows(optimizer, params, index)
         if not self.mask.is_meta:  # on meta nothing is known of the rows: all are taken
             index = index[self.mask[index] != live]
             if index.numel() == 0:
                 return
         if live:
             self._restart(index, optimizer)
-        elif optimizer is not None:
-            optim.reset_rows(optimizer, params, index)
         self._write_mask(index, live)
         self._set_counts(self.used, self._count_live())
 
