@@ -250,6 +250,12 @@ CUDA_PLANS = {
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("plan", CUDA_PLANS)
 def test_cuda_plan_matches_reference(plan, reduction, dtype, run):
+    _check_plan_against_reference(plan, reduction, dtype, run)
+
+
+def _check_plan_against_reference(plan, reduction, dtype, run):
+    """`plan`'s case (CUDA_PLANS) computed by `run`, with and without label smoothing, with
+    classes where the plan has them and class weights, against the reference."""
     kind, counted, subset = CUDA_PLANS[plan]
     _, _, active, width, _, _ = _problem(kind)
     live = active[:width].nonzero().squeeze(1)
@@ -280,15 +286,7 @@ def _on_cuda(x, weight, b, target, active, width, chunk_size, live_count, **opti
 def test_cuda_device_matches_reference(plan, reduction, dtype):
     """On a GPU, every plan, reduction and dtype against the reference, with label smoothing,
     classes and class weights."""
-    kind, counted, subset = CUDA_PLANS[plan]
-    _, _, active, width, _, _ = _problem(kind)
-    live = active[:width].nonzero().squeeze(1)
-    classes = live[1::2].tolist() if subset else None
-    class_weight = torch.rand(width, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
-    for smoothing in (0.0, 0.1):
-        _check_against_reference(kind, dtype, reduction, smoothing, classes=classes,
-                                 class_weight=class_weight, live_count=_live_count if counted else None,
-                                 run=_on_cuda)
+    _check_plan_against_reference(plan, reduction, dtype, _on_cuda)
 
 
 @NEEDS_CUDA
