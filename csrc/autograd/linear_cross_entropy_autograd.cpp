@@ -123,8 +123,7 @@ struct LinearCrossEntropyBackward : public Node {
   // for the recomputing node and for head(x) + F.cross_entropy. They are the
   // layer's own tensors, so saving them holds no extra memory (unless a
   // saved-tensors hook copies them, as it would for head(x)).
-  std::array<SavedVariable, 3> checked;  // weight, bias, active
-  std::array<bool, 3> has_checked{};
+  std::array<SavedVariable, 3> checked;  // weight, bias (if any), active
   // Set when the engine will release the saved gradients after this apply
   // (the graph is not retained): they are scaled in place and handed on, with
   // no second gradient-sized allocation.
@@ -153,10 +152,8 @@ struct LinearCrossEntropyBackward : public Node {
     if (!g.defined()) {
       return result;
     }
-    for (size_t i = 0; i < 3; ++i) {
-      if (has_checked[i]) {
-        checked[i].unpack();  // raises if the tensor changed in place since the forward
-      }
+    for (auto& s : checked) {
+      s.unpack();  // raises if the tensor changed in place since the forward
     }
     {
       at::AutoGradMode no_grad(false);
@@ -293,13 +290,10 @@ Tensor linear_cross_entropy_autograd(
       }
     }
     grad_fn->checked[0] = SavedVariable(weight, false);
-    grad_fn->has_checked[0] = true;
     if (has_bias) {
       grad_fn->checked[1] = SavedVariable(*bias, false);
-      grad_fn->has_checked[1] = true;
     }
     grad_fn->checked[2] = SavedVariable(active, false);
-    grad_fn->has_checked[2] = true;
     torch::autograd::set_history(loss, grad_fn);
   } else {
     auto grad_fn = make_node<LinearCrossEntropyRecomputeBackward>();
